@@ -1,0 +1,29 @@
+"""The small set of exceptions that fgrpo raises for bad input.
+
+Each message names the file, line, key or function at fault and what was
+expected; the CLI prints them without a traceback.
+"""
+
+
+class FgrpoError(Exception):
+    """Base class: a user-facing error with a message that says what to fix."""
+
+
+class ConfigError(FgrpoError):
+    """A config file or value is wrong (unknown key, wrong type, out of range)."""
+
+
+class DataError(FgrpoError):
+    """A dataset file or example is malformed, empty or missing a column."""
+
+
+class RewardError(FgrpoError):
+    """A reward function raised, returned NaN/Inf, or returned the wrong length."""
+
+
+class ModelError(FgrpoError):
+    """A model folder or hub id cannot be loaded, or LoRA targets do not fit it."""
+
+
+class FederationError(FgrpoError):
+    """A federated round could not complete (too few clients succeeded, ...)."""
