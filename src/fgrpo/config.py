@@ -1,0 +1,307 @@
+"""One typed config tree, loaded from TOML; unknown keys, wrong types and
+out-of-range values are errors that name the file, the key and what is allowed.
+
+Field names follow TRL's `GRPOConfig` where one exists (`num_generations`,
+`beta`, `epsilon`, `epsilon_high`, `loss_type`, `max_completion_length`,
+`scale_rewards`, `num_iterations`) so TRL users can read a config at a glance.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(True, description="LoRA adapters (true) or full fine-tuning (false).")
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names to adapt, or 'all-linear'.",
+    )
+
+
+class WarmStartConfig(Section):
+    """Supervised warm start of the built-in tiny model, so GRPO starts from mixed rewards."""
+
+    steps: int = Field(300, ge=0, le=100_000, description="SFT steps on the synthetic families.")
+    batch_size: int = Field(64, ge=1, description="Examples per SFT step.")
+    learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate for the warm start.")
+    seed: int = Field(0, description="Seed of the initial weights and of the SFT data.")
+
+
+class ModelConfig(Section):
+    source: str = Field("tiny", description="'tiny' (built-in, warm-started, offline), a local folder, or a hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' = bf16 on CUDA, fp32 on CPU.")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+
+
+class FamilyConfig(Section):
+    name: str = Field(description="A built-in task family (add, sub, mul, sort, count, reverse, ...).")
+    difficulty: int = Field(2, ge=1, le=12, description="Digits / length knob of the family.")
+    reward_scale: tuple[float, float] = Field((0.0, 1.0), description="(low, high): score 0 maps to low, 1 to high.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this family in the pool.")
+
+    @field_validator("reward_scale")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"must be (low, high) with low < high, got {list(value)}")
+        return value
+
+
+class FileConfig(Section):
+    path: str = Field(description="A JSONL file, one example per line.")
+    prompt_key: str = Field("prompt", description="Column holding the prompt ('question' for GSM8K).")
+    answer_key: str = Field("answer", description="Column holding the answer ('#### n' is understood).")
+    family: str = Field("jsonl", description="Task label these examples get.")
+    reward_scale: tuple[float, float] = (0.0, 1.0)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for evaluation.")
+
+
+class RewardConfig(Section):
+    name: str = Field(description="'exact_match', 'partial_credit', 'format', or an import path 'module:function'.")
+    weight: float = Field(1.0, description="Weight of this function in the summed score.")
+
+
+class TasksConfig(Section):
+    families: list[FamilyConfig] = Field(
+        default_factory=lambda: [FamilyConfig(name=n) for n in ("add", "sub", "sort", "reverse")],
+        description="Built-in synthetic task families in the pool.",
+    )
+    files: list[FileConfig] = Field(default_factory=list, description="JSONL datasets added to the pool.")
+    train_per_family: int = Field(2000, ge=1, description="Training prompts generated per family.")
+    test_per_family: int = Field(100, ge=1, description="Held-out prompts per family.")
+    rewards: list[RewardConfig] = Field(
+        default_factory=lambda: [RewardConfig(name="exact_match", weight=1.0)],
+        description="Reward functions (TRL signature) summed with weights; the sum is mapped to each family's reward_scale.",
+    )
+    seed: int = Field(1234, description="Seed of the task pool (fixed across training seeds so runs compare).")
+
+    @field_validator("rewards")
+    @classmethod
+    def _some_reward(cls, value: list[RewardConfig]) -> list[RewardConfig]:
+        if not value:
+            raise ValueError("needs at least one reward function")
+        return value
+
+
+class GRPOConfig(Section):
+    num_generations: int = Field(8, ge=2, le=256, description="Completions G sampled per prompt (a group).")
+    max_completion_length: int = Field(8, ge=1, le=4096, description="Max new tokens per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for rollouts.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (base model, adapters off).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip ε_low of the policy ratio.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip ε_high (DAPO's clip-higher); default = epsilon.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Loss aggregation, as in TRL.")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Advantage std scaling, as in TRL.")
+    num_iterations: int = Field(1, ge=1, le=16, description="Optimisation passes over each rollout batch (μ).")
+    learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate of the policy.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+    @property
+    def effective_epsilon_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+class TrainingConfig(Section):
+    steps: int = Field(300, ge=0, description="GRPO steps of `fgrpo train`.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts B per step; completions = B x num_generations.")
+    eval_every: int = Field(50, ge=0, description="Held-out evaluation every N steps (0: only at start and end).")
+    eval_pass_k: int = Field(4, ge=1, description="k of pass@k at evaluation (samples k per prompt).")
+    seed: int = Field(0, description="Seed of sampling, batching and LoRA init.")
+    time_limit_s: float | None = Field(None, gt=0, description="Stop training after this many seconds (then evaluate).")
+
+
+class FGRPOOptions(Section):
+    gain: Literal["relative", "zscore"] = Field("relative", description="Relative gain vs EMA baseline, or z-score vs history.")
+    temperature: float = Field(1.0, gt=0, description="τ of exp(g/τ); inf recovers FedAvg.")
+    baseline_decay: float = Field(0.5, ge=0, lt=1, description="β of the EMA baseline B ← βB + (1−β)R.")
+    delta: float = Field(1e-3, gt=0, description="δ: floor of the gain's denominator.")
+    w_min: float = Field(0.0, ge=0, le=1, description="Weight floor.")
+    w_max: float = Field(1.0, gt=0, le=1, description="Weight cap (a lying client gets at most this).")
+    size_prior: bool = Field(True, description="Prior p_k = n_k/Σn (true) or uniform (false).")
+    server_lr: float = Field(1.0, ge=0, description="η_server of θ ← θ + η Σ w_k Δ_k.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "FGRPOOptions":
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
+        return self
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _inf(cls, value: Any) -> Any:
+        return math.inf if value in ("inf", "infinity") else value
+
+
+class ServerOptConfig(Section):
+    """Flower FedOpt family (FedAdam / FedYogi / FedAdagrad) hyper-parameters."""
+
+    eta: float = Field(1e-2, gt=0, description="Server learning rate.")
+    eta_l: float = Field(1e-2, gt=0, description="Client learning rate Flower records (informational).")
+    beta_1: float = Field(0.9, ge=0, lt=1)
+    beta_2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, description="Adaptivity / epsilon of the server optimizer.")
+
+
+class PartitionConfig(Section):
+    scheme: Literal["iid", "by_family", "dirichlet", "quantity_skew"] = "by_family"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed).")
+
+
+METHODS = ("fgrpo", "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reward_weighted", "centralized", "local")
+
+
+class FederationConfig(Section):
+    method: Literal[METHODS] = Field("fgrpo", description=f"One of {', '.join(METHODS)}.")  # type: ignore[valid-type]
+    num_clients: int = Field(4, ge=1, le=100_000)
+    rounds: int = Field(10, ge=1)
+    local_steps: int = Field(5, ge=1, description="GRPO steps E per client per round.")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="Share of clients sampled per round.")
+    min_train_clients: int = Field(1, ge=1, description="Sample at least this many; fewer successes fail the round.")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx μ (used by method 'fedprox').")
+    eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds.")
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    fgrpo: FGRPOOptions = Field(default_factory=FGRPOOptions)
+    server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig)
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/latest", description="Results directory.")
+    save_adapter: bool = Field(True, description="Save the final trainable weights.")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The config class that holds the key at `loc` (for did-you-mean hints)."""
+    cls: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ()) or ()
+        candidates = [annotation, *args]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return None
+    return cls
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """Turn pydantic's errors into lines naming the file, the dotted key and what is allowed."""
+    lines = [f"invalid config in {source}:"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            section = _section_at(loc)
+            allowed = sorted(section.model_fields) if section else []
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            suggestion = f" — did you mean '{hint[0]}'?" if hint else ""
+            lines.append(f"  unknown key '{key}'{suggestion} (allowed here: {', '.join(allowed)})")
+        else:
+            given = item.get("input")
+            given_text = f" (got {given!r})" if not isinstance(given, dict) else ""
+            lines.append(f"  {key}: {item['msg']}{given_text}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Read a TOML config; `overrides` (nested dict) wins over the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if overrides:
+        data = deep_merge(data, overrides)
+    return config_from_dict(data, str(path))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """'grpo.beta=0.04' -> {'grpo': {'beta': 0.04}} (value parsed as TOML, else a string)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    result: dict = {}
+    node = result
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return result
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as TOML (written next to every run's results)."""
+    import tomli_w
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, float) and math.isinf(value):
+            return "inf"
+        return value
+
+    return tomli_w.dumps(clean(config.model_dump()))

@@ -1,0 +1,191 @@
+"""GRPO math as small pure tensor functions: advantages, log-probs, the clipped loss.
+
+Everything here follows TRL's `GRPOTrainer` (v1.16) definitions so that users
+coming from TRL get the same numbers, and so tests can compare against TRL on
+identical tensors. Shapes use N = B*G completions (B prompts, G generations
+each) and T = completion length.
+
+Notation (TRL's): ε_low = `epsilon`, ε_high = `epsilon_high`, β = `beta`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+ScaleRewards = Literal["group", "batch", "none"]
+
+# TRL adds this to the std before dividing, so a group with identical rewards
+# gets advantage 0 rather than 0/0.
+STD_EPS = 1e-4
+
+
+def unbiased_std(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Bessel-corrected standard deviation (TRL's `nanstd` without NaNs)."""
+    if dim is None:
+        return x.std(unbiased=True) if x.numel() > 1 else torch.zeros((), dtype=x.dtype)
+    return x.std(dim=dim, unbiased=True) if x.size(dim) > 1 else torch.zeros_like(x.select(dim, 0))
+
+
+def group_advantages(
+    rewards: torch.Tensor,  # (B*G,) rewards, the G completions of a prompt contiguous
+    num_generations: int,
+    scale_rewards: ScaleRewards = "group",
+) -> torch.Tensor:  # (B*G,)
+    """Group-relative advantages: reward minus its group's mean, optionally / std.
+
+    `scale_rewards`: "group" divides by each group's std (GRPO), "batch" by the
+    std of the whole batch (more robust with few generations), "none" does not
+    scale (Dr. GRPO: std scaling biases towards too-easy/too-hard prompts).
+    """
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {num_generations}")
+    grouped = rewards.view(-1, num_generations)  # (B, G)
+    mean = grouped.mean(dim=1).repeat_interleave(num_generations)  # (B*G,)
+    advantages = rewards - mean
+    if scale_rewards == "group":
+        std = unbiased_std(grouped, dim=1).repeat_interleave(num_generations)  # (B*G,)
+        advantages = advantages / (std + STD_EPS)
+    elif scale_rewards == "batch":
+        advantages = advantages / (unbiased_std(rewards) + STD_EPS)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', not {scale_rewards!r}")
+    return advantages
+
+
+def token_log_probs(
+    logits: torch.Tensor,  # (N, T, V) logits that predict each completion token
+    token_ids: torch.Tensor,  # (N, T)
+    temperature: float = 1.0,
+) -> torch.Tensor:  # (N, T)
+    """Log-probability of each sampled token under the (temperature-scaled) policy.
+
+    The logits are divided by the sampling temperature, as TRL does, so that the
+    ratio compares the distribution the tokens were actually drawn from.
+    """
+    logits = logits.float() / temperature
+    # log_softmax + gather; a (N, T, V) float copy is fine at these sizes.
+    return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def completion_mask_after_eos(
+    completion_ids: torch.Tensor,  # (N, T)
+    eos_token_id: int,
+) -> torch.Tensor:  # (N, T) int, 1 up to and including the first EOS
+    """Mask that keeps each completion's tokens up to and including its first EOS."""
+    is_eos = completion_ids == eos_token_id  # (N, T)
+    seq_len = completion_ids.size(1)
+    first_eos = torch.full((completion_ids.size(0),), seq_len, dtype=torch.long, device=completion_ids.device)
+    has_eos = is_eos.any(dim=1)
+    first_eos[has_eos] = is_eos.int().argmax(dim=1)[has_eos]
+    positions = torch.arange(seq_len, device=completion_ids.device).expand_as(completion_ids)  # (N, T)
+    return (positions <= first_eos.unsqueeze(1)).int()
+
+
+def kl_k3(
+    log_probs: torch.Tensor,  # (N, T) policy
+    ref_log_probs: torch.Tensor,  # (N, T) reference
+) -> torch.Tensor:  # (N, T)
+    """Per-token KL(π‖π_ref) estimate k3 = exp(r) − r − 1, r = log π_ref − log π (≥ 0)."""
+    delta = ref_log_probs - log_probs
+    return torch.exp(delta) - delta - 1
+
+
+@dataclass
+class LossOutput:
+    """The scalar loss to backpropagate and detached statistics to log."""
+
+    loss: torch.Tensor  # () with grad
+    kl: float  # mean per-token KL over completion tokens (0 when β = 0)
+    clip_fraction: float  # share of completion tokens in a clipped region
+    clip_low_fraction: float
+    clip_high_fraction: float
+
+
+def aggregate_token_loss(
+    per_token_loss: torch.Tensor,  # (N, T)
+    mask: torch.Tensor,  # (N, T)
+    loss_type: LossType,
+    max_completion_length: int,
+    num_items_in_batch: float | None = None,
+) -> torch.Tensor:  # ()
+    """Reduce per-token losses to a scalar, exactly as TRL's loss types do.
+
+    - grpo: mean over each sequence's tokens, then mean over sequences
+      (short completions weigh more per token: the length bias Dr. GRPO removes);
+    - bnpo: mean over all completion tokens of the batch;
+    - dr_grpo: sum / (N · max_completion_length), a constant normaliser;
+    - dapo: sum / tokens in the whole generation batch (`num_items_in_batch`;
+      equals bnpo when the batch is not split into micro-batches).
+    """
+    mask = mask.to(per_token_loss.dtype)
+    masked = per_token_loss * mask
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return masked.sum() / (per_token_loss.size(0) * max_completion_length)
+    if loss_type == "dapo":
+        normaliser = mask.sum() if num_items_in_batch is None else torch.tensor(float(num_items_in_batch))
+        return masked.sum() / normaliser.clamp(min=1.0)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
+
+
+def grpo_loss(
+    log_probs: torch.Tensor,  # (N, T) current policy, with grad
+    old_log_probs: torch.Tensor | None,  # (N, T) policy that sampled; None = log_probs.detach()
+    advantages: torch.Tensor,  # (N,)
+    mask: torch.Tensor,  # (N, T) 1 on completion tokens
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    ref_log_probs: torch.Tensor | None = None,  # (N, T), required when beta > 0
+    loss_type: LossType = "dapo",
+    max_completion_length: int = 16,
+    num_items_in_batch: float | None = None,
+) -> LossOutput:
+    """The clipped policy-ratio objective of GRPO with an optional k3 KL penalty.
+
+    per-token loss = −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) + β·KL,
+    ρ = exp(log π − log π_old). With one optimisation pass per batch
+    (num_iterations = 1) ρ ≡ 1 and only the gradient of ρ matters.
+    """
+    if old_log_probs is None:
+        old_log_probs = log_probs.detach()
+    adv = advantages.unsqueeze(1)  # (N, 1)
+    ratio = torch.exp(log_probs - old_log_probs)  # (N, T)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss = -torch.min(ratio * adv, clipped_ratio * adv)  # (N, T)
+
+    kl_mean = 0.0
+    if beta != 0.0:
+        if ref_log_probs is None:
+            raise ValueError("beta > 0 needs ref_log_probs")
+        per_token_kl = kl_k3(log_probs, ref_log_probs)  # (N, T)
+        per_token_loss = per_token_loss + beta * per_token_kl
+        kl_mean = masked_mean(per_token_kl.detach(), mask)
+
+    loss = aggregate_token_loss(per_token_loss, mask, loss_type, max_completion_length, num_items_in_batch)
+
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).float()
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).float()
+        return LossOutput(
+            loss=loss,
+            kl=kl_mean,
+            clip_fraction=masked_mean(torch.maximum(low, high), mask),
+            clip_low_fraction=masked_mean(low, mask),
+            clip_high_fraction=masked_mean(high, mask),
+        )
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of `values` (N, T) over positions where `mask` (N, T) is 1."""
+    mask = mask.to(values.dtype)
+    return float((values * mask).sum() / mask.sum().clamp(min=1.0))

@@ -1,0 +1,160 @@
+"""One GRPO step, in order: sample → reward → advantage → loss → step → log.
+
+`GRPOLearner` owns the policy's optimizer and nothing else; the centralized
+trainer and every federated client call the same `step`, so all methods are
+compared on the same local algorithm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import GRPOConfig
+from .grpo import group_advantages, grpo_loss
+from .model import trainable_parameters
+from .rewards import WeightedReward, compute_rewards
+from .rollout import completion_log_probs, generate
+from .tasks import Example
+
+
+@dataclass
+class ProximalTerm:
+    """FedProx: μ/2 · ‖θ − θ_anchor‖² added to the loss (θ = trainable weights)."""
+
+    mu: float
+    anchor: dict[str, torch.Tensor]  # name -> tensor on the model's device
+
+
+class GRPOLearner:
+    """Runs GRPO steps on a (peft or plain) causal LM."""
+
+    def __init__(self, model, tokenizer, grpo: GRPOConfig, reward: WeightedReward):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = grpo
+        self.reward = reward
+        self.is_peft = hasattr(model, "disable_adapter")
+        self.reference = None
+        if grpo.beta > 0 and not self.is_peft:
+            # Full fine-tuning needs a frozen copy for the KL term; with LoRA the
+            # base model with adapters disabled *is* the reference (no copy).
+            import copy
+
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.reset_optimizer()
+
+    def reset_optimizer(self) -> None:
+        """Fresh AdamW state (clients start each round from the global weights)."""
+        params = list(trainable_parameters(self.model).values())
+        self.optimizer = torch.optim.AdamW(params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+
+    @torch.inference_mode()
+    def _reference_log_probs(self, rollouts) -> torch.Tensor:
+        if self.reference is not None:
+            return completion_log_probs(self.reference, rollouts, self.config.temperature)
+        with self.model.disable_adapter():
+            return completion_log_probs(self.model, rollouts, self.config.temperature)
+
+    def step(self, examples: list[Example], proximal: ProximalTerm | None = None) -> dict[str, float]:
+        """One GRPO step on a batch of prompts; returns metrics (train/… names)."""
+        cfg = self.config
+        start = time.perf_counter()
+        # 1. sample G completions per prompt
+        rollouts = generate(
+            self.model,
+            self.tokenizer,
+            [ex.prompt for ex in examples],
+            cfg.num_generations,
+            cfg.max_completion_length,
+            cfg.temperature,
+            cfg.top_p,
+        )
+        generation_s = time.perf_counter() - start
+        # 2. reward each completion (examples repeated G times to align)
+        grouped_examples = [ex for ex in examples for _ in range(cfg.num_generations)]
+        scored = compute_rewards(grouped_examples, rollouts.completions, self.reward)
+        rewards = torch.as_tensor(scored.rewards, dtype=torch.float32, device=rollouts.completion_ids.device)
+        # 3. group-relative advantages
+        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # (N,)
+        # 4. log-probs that stay fixed over the batch's iterations
+        old_log_probs = None
+        if cfg.num_iterations > 1:
+            with torch.inference_mode():
+                old_log_probs = completion_log_probs(self.model, rollouts, cfg.temperature).clone()
+        ref_log_probs = self._reference_log_probs(rollouts).clone() if cfg.beta > 0 else None
+        # 5. optimise
+        self.model.train()
+        totals: dict[str, float] = defaultdict(float)
+        for _ in range(cfg.num_iterations):
+            log_probs = completion_log_probs(self.model, rollouts, cfg.temperature)
+            out = grpo_loss(
+                log_probs,
+                old_log_probs,
+                advantages,
+                rollouts.completion_mask,
+                epsilon_low=cfg.epsilon,
+                epsilon_high=cfg.effective_epsilon_high,
+                beta=cfg.beta,
+                ref_log_probs=ref_log_probs,
+                loss_type=cfg.loss_type,
+                max_completion_length=cfg.max_completion_length,
+            )
+            loss = out.loss
+            if proximal is not None and proximal.mu > 0:
+                loss = loss + proximal_penalty(self.model, proximal)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable_parameters(self.model).values()), cfg.max_grad_norm)
+            self.optimizer.step()
+            totals["loss"] += float(loss.detach()) / cfg.num_iterations
+            totals["kl"] += out.kl / cfg.num_iterations
+            totals["clip_frac"] += out.clip_fraction / cfg.num_iterations
+            totals["grad_norm"] += float(grad_norm) / cfg.num_iterations
+        elapsed = time.perf_counter() - start
+        # 6. log
+        metrics = {
+            "train/reward_mean": float(scored.rewards.mean()),
+            "train/reward_std": float(scored.rewards.std()),
+            "train/accuracy": float(np.mean(scored.correct)),
+            "train/completion_len": float(rollouts.completion_mask.sum(1).float().mean()),
+            "train/tokens_per_s": rollouts.num_completion_tokens / max(elapsed, 1e-9),
+            "train/generation_s": generation_s,
+            "train/step_s": elapsed,
+            "train/frac_zero_std_groups": float(
+                (scored.rewards.reshape(-1, cfg.num_generations).std(axis=1) == 0).mean()
+            ),
+        }
+        metrics.update({f"train/{k}": v for k, v in totals.items()})
+        families = np.array([ex.family for ex in grouped_examples])
+        for family in sorted(set(families)):
+            metrics[f"train/reward/{family}"] = float(scored.rewards[families == family].mean())
+        return metrics
+
+
+def proximal_penalty(model, proximal: ProximalTerm) -> torch.Tensor:
+    """μ/2 Σ ‖θ − θ_anchor‖² over the trainable weights."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for name, param in trainable_parameters(model).items():
+        total = total + (param - proximal.anchor[name]).pow(2).sum()
+    return 0.5 * proximal.mu * total
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed torch's global RNG for a block, restoring the previous state after."""
+    state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)

@@ -1,0 +1,178 @@
+"""Load causal LMs (hub id, local folder, or the built-in tiny model), add LoRA, and
+move the trainable weights in and out as named numpy arrays.
+
+The named arrays are what federation exchanges: with LoRA they are the adapter
+only, so a client's state costs adapter bytes, not model bytes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ModelError
+
+# Printable ASCII plus newline: enough for every built-in task and for JSONL
+# word problems; anything else maps to <unk>.
+TINY_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+TINY_CHARACTERS = tuple(chr(i) for i in range(32, 127)) + ("\n",)
+
+
+def pick_device(preferred: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if preferred == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preferred.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device '{preferred}' was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(preferred)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' = bf16 on a CUDA device that supports it, fp32 otherwise."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_tiny_tokenizer():
+    """A character-level fast tokenizer (one token per character), made offline.
+
+    Built from a BPE model with no merges, so it saves as a standard
+    `tokenizer.json` and reloads with `AutoTokenizer.from_pretrained`.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS + TINY_CHARACTERS)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(TINY_SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_tiny_model(seed: int = 0, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4):
+    """A randomly initialised Llama-style model sized for a laptop CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def load_model_and_tokenizer(source: str, dtype: str = "auto", device: str = "auto"):
+    """Load a causal LM and its tokenizer from a local folder or a hub id.
+
+    A local folder is preferred when it exists; a hub id only works with network
+    access (or a filled HF cache). Errors name the source and what is missing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~"))
+    if looks_local:
+        if not path.is_dir():
+            raise ModelError(f"model folder '{source}' does not exist")
+        if not (path / "config.json").exists():
+            raise ModelError(f"model folder '{source}' has no config.json: is it a Hugging Face save_pretrained folder?")
+    target_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target_device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else source)
+    except Exception as exc:  # transformers raises many types; the user needs the source named
+        raise ModelError(f"cannot load a tokenizer from '{source}': {exc}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else source, dtype=torch_dtype)
+    except Exception as exc:
+        raise ModelError(f"cannot load a causal LM from '{source}': {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        # Many causal LMs ship without a pad token; padding is masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation needs prompts aligned at the right edge
+    return model.to(target_device), tokenizer
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str] | str):
+    """Wrap `model` with a peft LoRA adapter; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+        raise ModelError(
+            f"LoRA target_modules {target_modules!r} do not fit {type(model).__name__}: {exc}. "
+            f"Module names in this model include: {', '.join(names[:30])}"
+        ) from exc
+
+
+def trainable_parameters(model) -> "OrderedDict[str, torch.nn.Parameter]":
+    """The parameters federation exchanges, in a stable order."""
+    return OrderedDict((name, p) for name, p in model.named_parameters() if p.requires_grad)
+
+
+def get_trainable_arrays(model) -> "OrderedDict[str, np.ndarray]":
+    """Copy the trainable weights out as float32 numpy arrays (adapter only with LoRA)."""
+    return OrderedDict(
+        (name, p.detach().to("cpu", torch.float32).numpy().copy()) for name, p in trainable_parameters(model).items()
+    )
+
+
+def set_trainable_arrays(model, arrays: dict[str, np.ndarray]) -> None:
+    """Write named arrays into the trainable weights; names and shapes must match exactly."""
+    params = trainable_parameters(model)
+    missing = [name for name in params if name not in arrays]
+    unexpected = [name for name in arrays if name not in params]
+    if missing or unexpected:
+        raise ModelError(
+            f"adapter arrays do not match the model: missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            value = np.asarray(arrays[name])
+            if tuple(value.shape) != tuple(param.shape):
+                raise ModelError(f"adapter array '{name}' has shape {value.shape}, the model expects {tuple(param.shape)}")
+            param.copy_(torch.from_numpy(value).to(param.device, param.dtype))
+
+
+def arrays_nbytes(arrays: dict[str, np.ndarray]) -> int:
+    """Bytes the arrays take on the wire (raw, uncompressed)."""
+    return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+def model_nbytes(model) -> int:
+    """Bytes of every parameter of the full model (base + adapter)."""
+    return int(sum(p.numel() * p.element_size() for p in model.parameters()))

@@ -1,0 +1,255 @@
+"""Reward functions with TRL's signature, their validation, weighting and scaling.
+
+A reward function is `fn(prompts, completions, **kwargs) -> list[float | None]`
+exactly as in TRL's GRPOTrainer: kwargs carry the dataset columns (`answer`,
+`family`, `reward_scale`, one entry per completion) and whatever else a
+trainer passes (`completion_ids`, `trainer_state`), so a function written for
+TRL runs here unchanged and the built-ins run in TRL. `None` means "not
+applicable to this sample", as in TRL.
+
+Scores flow in three stages: each function's raw values (validated), their
+weighted NaN-ignoring sum (the "score", as TRL sums them), and the score mapped
+onto each example's own reward scale (the "reward" GRPO and FGRPO see).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError, RewardError
+from .tasks import Example, answer_is_numeric, answer_pattern, extract_answer, is_correct, normalize_answer
+
+RewardFunction = Callable[..., list]
+
+
+def _families(kwargs: dict, n: int) -> list:
+    """The `family` column, or None for each sample when absent (loaded-data rules then apply)."""
+    families = kwargs.get("family")
+    return [None] * n if families is None else list(families)
+
+
+def _answers(kwargs: dict, function: str) -> list:
+    if "answer" not in kwargs:
+        raise RewardError(f"{function} needs the dataset column 'answer' (columns given: {', '.join(kwargs) or 'none'})")
+    return list(kwargs["answer"])
+
+
+def exact_match_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 when the extracted answer equals the reference (normalized per family), else 0.0."""
+    answers = _answers(kwargs, "exact_match_reward")
+    families = _families(kwargs, len(completions))
+    scores = []
+    for completion, answer, family in zip(completions, answers, families):
+        predicted = extract_answer(completion, family)
+        scores.append(float(predicted is not None and predicted == normalize_answer(str(answer), answer_is_numeric(family))))
+    return scores
+
+
+def _position_matches(predicted: str, reference: str, from_right: bool) -> float:
+    """Fraction of aligned characters that agree, over the longer length (1.0 only when equal)."""
+    if from_right:  # numbers: units under units, so "45" vs "46" is half right
+        predicted, reference = predicted[::-1], reference[::-1]
+    matches = sum(p == r for p, r in zip(predicted, reference))
+    return matches / max(len(predicted), len(reference), 1)
+
+
+def partial_credit_reward(prompts, completions, **kwargs) -> list[float]:
+    """Character-level credit: numbers aligned from the right, strings (sort, reverse) from the left.
+
+    Dividing by the longer of the two lengths penalises a wrong length, so
+    only an exact match scores 1.0 and a dense signal remains when no
+    completion in a group is fully right.
+    """
+    answers = _answers(kwargs, "partial_credit_reward")
+    families = _families(kwargs, len(completions))
+    scores = []
+    for completion, answer, family in zip(completions, answers, families):
+        numeric = answer_is_numeric(family)
+        predicted = extract_answer(completion, family)
+        scores.append(
+            0.0 if predicted is None else _position_matches(predicted, normalize_answer(str(answer), numeric), numeric)
+        )
+    return scores
+
+
+def format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 when an answer can be extracted and looks like one of its family's answers, else 0.0."""
+    families = _families(kwargs, len(completions))
+    scores = []
+    for completion, family in zip(completions, families):
+        predicted = extract_answer(completion, family)
+        scores.append(float(predicted is not None and re.fullmatch(answer_pattern(family), predicted) is not None))
+    return scores
+
+
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {
+    "exact_match": exact_match_reward,
+    "partial_credit": partial_credit_reward,
+    "format": format_reward,
+}
+
+
+def resolve_reward_function(name_or_path: str) -> RewardFunction:
+    """A registered name, or an import path 'package.module:function' (attribute may be dotted)."""
+    if name_or_path in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name_or_path]
+    if ":" not in name_or_path:
+        raise ConfigError(
+            f"unknown reward function '{name_or_path}': use one of {', '.join(REWARD_FUNCTIONS)} "
+            "or an import path 'package.module:function'"
+        )
+    module_name, _, attribute = name_or_path.partition(":")
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as exc:  # ModuleNotFoundError, or the module itself failed while importing
+        raise ConfigError(
+            f"reward function '{name_or_path}': cannot import module '{module_name}' ({type(exc).__name__}: {exc})"
+        ) from exc
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"reward function '{name_or_path}': module '{module_name}' has no attribute '{attribute}'")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(
+            f"reward function '{name_or_path}' is a {type(target).__name__}, not a callable "
+            "fn(prompts, completions, **kwargs)"
+        )
+    return target
+
+
+def function_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def call_reward_function(fn: RewardFunction, prompts: list, completions: list, columns: dict[str, list]) -> np.ndarray:
+    """Call `fn` as TRL does and validate its output: (N,) floats, NaN where it returned None.
+
+    Anything else (an exception, the wrong length, a non-number, NaN, ±Inf)
+    is a RewardError naming the function, since a silently bad reward
+    corrupts every advantage in its group.
+    """
+    name = function_name(fn)
+    n = len(completions)
+    try:
+        output = fn(prompts=prompts, completions=completions, **columns)
+    except Exception as exc:
+        raise RewardError(f"reward function {name} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(output, (list, tuple)) and hasattr(output, "tolist"):
+        output = output.tolist()  # a 1-D numpy array or tensor is fine too
+    if not isinstance(output, (list, tuple)):
+        raise RewardError(f"reward function {name} must return a list of {n} floats, got {type(output).__name__}")
+    if len(output) != n:
+        raise RewardError(f"reward function {name} returned {len(output)} values, expected {n} (one per completion)")
+    values = np.empty(n, dtype=np.float64)  # (N,)
+    for i, value in enumerate(output):
+        if value is None:
+            values[i] = np.nan
+            continue
+        if not isinstance(value, numbers.Real):
+            raise RewardError(
+                f"reward function {name} returned a non-numeric value at index {i}: {value!r} "
+                f"({type(value).__name__}); expected a float or None"
+            )
+        value = float(value)
+        if not math.isfinite(value):
+            raise RewardError(
+                f"reward function {name} returned {value} at index {i}: rewards must be finite "
+                "(return None for 'not applicable')"
+            )
+        values[i] = value
+    return values
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    name: str
+    fn: RewardFunction
+    weight: float
+
+
+def _term_name(fn_or_name, fn: RewardFunction) -> str:
+    if isinstance(fn_or_name, str):
+        return fn_or_name
+    registered = [name for name, builtin in REWARD_FUNCTIONS.items() if builtin is fn]
+    return registered[0] if registered else getattr(fn, "__name__", None) or function_name(fn)
+
+
+class WeightedReward:
+    """Weighted sum of reward functions, NaN ("not applicable") entries ignored, as TRL sums them.
+
+    Terms are (function or name/import path, weight); `per_function` is keyed
+    by the registered name, the given string, or the function's __name__
+    (suffixed "#2", "#3" when repeated).
+    """
+
+    def __init__(self, terms: Sequence[tuple[RewardFunction | str, float]]):
+        if not terms:
+            raise ConfigError("a reward needs at least one (function, weight) pair")
+        self.terms: list[RewardTerm] = []
+        for fn_or_name, weight in terms:
+            fn = resolve_reward_function(fn_or_name) if isinstance(fn_or_name, str) else fn_or_name
+            if not callable(fn):
+                raise ConfigError(f"reward function {fn!r} is not callable")
+            if not math.isfinite(weight):
+                raise ConfigError(f"weight of reward function {function_name(fn)} must be finite, got {weight}")
+            name = base = _term_name(fn_or_name, fn)
+            taken = {term.name for term in self.terms}
+            copy = 1
+            while name in taken:
+                copy += 1
+                name = f"{base}#{copy}"
+            self.terms.append(RewardTerm(name, fn, float(weight)))
+
+    def score(self, prompts: list, completions: list, columns: dict[str, list]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(scores (N,), {name: raw values (N,)}); scores = Σ_k w_k r_k over the non-NaN r_k."""
+        per_function = {
+            term.name: call_reward_function(term.fn, prompts, completions, columns) for term in self.terms
+        }
+        weighted = np.stack(
+            [term.weight * per_function[term.name] for term in self.terms]
+        ).reshape(len(self.terms), len(completions))  # (K, N)
+        unscored = np.isnan(weighted).all(axis=0)  # (N,)
+        if unscored.any():
+            where = np.flatnonzero(unscored)
+            raise RewardError(
+                f"every reward function ({', '.join(per_function)}) returned None for completion(s) "
+                f"{where[:10].tolist()}{' ...' if where.size > 10 else ''}: at least one must score each completion"
+            )
+        return np.nansum(weighted, axis=0), per_function
+
+
+def apply_reward_scale(scores: np.ndarray, scales: Sequence[tuple[float, float]]) -> np.ndarray:
+    """low + (high − low) · score per sample (N,); linear, so scores outside [0, 1] extrapolate."""
+    scores = np.asarray(scores, dtype=np.float64)  # (N,)
+    bounds = np.asarray(scales, dtype=np.float64).reshape(-1, 2)  # (N, 2)
+    if bounds.shape[0] != scores.shape[0]:
+        raise RewardError(f"{scores.shape[0]} scores but {bounds.shape[0]} reward scales")
+    return bounds[:, 0] + (bounds[:, 1] - bounds[:, 0]) * scores
+
+
+@dataclass
+class RewardResult:
+    rewards: np.ndarray  # (N,) on each example's own reward scale
+    scores: np.ndarray  # (N,) combined score before scaling
+    per_function: dict[str, np.ndarray]  # name -> (N,) raw values (NaN = not applicable)
+    correct: np.ndarray  # (N,) bool, exact match
+
+
+def compute_rewards(examples: Sequence[Example], completions: Sequence, reward: WeightedReward) -> RewardResult:
+    """Score completions[i] against examples[i]: the reward functions see the examples' prompts and columns."""
+    if len(examples) != len(completions):
+        raise RewardError(f"{len(completions)} completions for {len(examples)} examples; expected one per example")
+    prompts = [example.prompt for example in examples]
+    rows = [example.columns() for example in examples]
+    columns = {key: [row[key] for row in rows] for key in ("answer", "family", "reward_scale")}
+    scores, per_function = reward.score(prompts, list(completions), columns)
+    rewards = apply_reward_scale(scores, [example.reward_scale for example in examples])
+    correct = np.array([is_correct(ex, completion) for ex, completion in zip(examples, completions)], dtype=bool)
+    return RewardResult(rewards, scores, per_function, correct)

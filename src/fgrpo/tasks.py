@@ -1,0 +1,431 @@
+"""Verifiable tasks: synthetic families, JSONL / GSM8K loaders, answer extraction.
+
+An `Example` is a prompt, its reference answer and a family label. Built-in
+families are short digit puzzles ("12+34=" -> "46") a character-level tiny
+model can learn, so GRPO has a reward signal within minutes on a CPU.
+
+Answer normalization is per family, because "007" and "7" are the same
+answer to an arithmetic question but different answers to "rev 700=":
+
+- numeric families (add, sub, mul, count, max) and loaded data: an answer that
+  parses as a number is canonicalized ("1,234" -> "1234", "+5" -> "5",
+  "42.0" -> "42", "007" -> "7", "2.50" -> "2.5"); anything else is compared
+  as its stripped text.
+- string families (sort, reverse): only surrounding whitespace is stripped;
+  leading zeros are part of the answer.
+
+A family name that is not built in (a loaded file's label) is numeric.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from .errors import ConfigError, DataError
+
+DIGITS = "0123456789"
+MAX_DIFFICULTY = 12
+# Shipped sample in GSM8K format (load with prompt_key="question").
+SAMPLE_GSM8K = Path(__file__).parent / "data" / "sample_gsm8k.jsonl"
+
+# An answer of loaded data is well-formed when it is a number (after normalization).
+LOADED_ANSWER_PATTERN = r"-?\d+(?:\.\d+)?"
+# A number as people write it: optional sign, optional thousands commas, optional decimals.
+_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d*)(?:\.\d*)?")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str  # the reference final answer, normalized for its family (e.g. "46")
+    family: str  # task label ("add", ...); for loaded files the configured family name
+    reward_scale: tuple[float, float] = (0.0, 1.0)  # a score s in [0, 1] maps to low + (high - low) * s
+
+    def __post_init__(self) -> None:
+        low, high = (float(v) for v in self.reward_scale)
+        if not low < high:
+            raise ConfigError(f"reward_scale must be (low, high) with low < high, got {list(self.reward_scale)}")
+        # Tuples from TOML/JSON arrive as lists; keep the dataclass hashable.
+        object.__setattr__(self, "reward_scale", (low, high))
+
+    def columns(self) -> dict:
+        """The dataset columns reward functions receive (as lists) through **kwargs."""
+        return {"answer": self.answer, "family": self.family, "reward_scale": self.reward_scale}
+
+
+@dataclass(frozen=True)
+class TaskFamily:
+    name: str
+    description: str
+    generate: Callable[[random.Random, int], tuple[str, str]]  # (rng, difficulty) -> (prompt, answer)
+    answer_pattern: str  # regex a well-formed (normalized) answer fully matches
+    numeric: bool  # answers compared as numbers ("007" == "7") or as strings
+    num_prompts: Callable[[int], int]  # size of the prompt space at a difficulty
+    max_difficulty: int = MAX_DIFFICULTY
+    min_difficulty: int = 1
+
+    def check_difficulty(self, difficulty: int) -> None:
+        if isinstance(difficulty, bool) or not isinstance(difficulty, int):
+            raise ConfigError(f"difficulty of family '{self.name}' must be an integer, got {difficulty!r}")
+        if not self.min_difficulty <= difficulty <= self.max_difficulty:
+            raise ConfigError(
+                f"difficulty {difficulty} is out of range for family '{self.name}' "
+                f"(supported: {self.min_difficulty}..{self.max_difficulty})"
+            )
+
+
+# --------------------------------------------------------------------------- generators
+
+
+def _count_numbers(digits: int) -> int:
+    """How many `digits`-digit numbers there are (0..9 for one digit, no leading zeros above)."""
+    return 10 if digits == 1 else 9 * 10 ** (digits - 1)
+
+
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(0, 9) if digits == 1 else rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def _digit_string(rng: random.Random, length: int) -> str:
+    return "".join(rng.choice(DIGITS) for _ in range(length))
+
+
+def _mul_second_digits(difficulty: int) -> int:
+    """The second factor stays 1 digit up to difficulty 3, then grows one digit per 3 levels."""
+    return 1 + (difficulty - 1) // 3
+
+
+def _add(rng: random.Random, d: int) -> tuple[str, str]:
+    a, b = _number(rng, d), _number(rng, d)
+    return f"{a}+{b}=", str(a + b)
+
+
+def _sub(rng: random.Random, d: int) -> tuple[str, str]:
+    a, b = _number(rng, d), _number(rng, d)
+    a, b = max(a, b), min(a, b)  # a >= b: answers are never negative (one less thing for a tiny model)
+    return f"{a}-{b}=", str(a - b)
+
+
+def _mul(rng: random.Random, d: int) -> tuple[str, str]:
+    a, b = _number(rng, d), _number(rng, _mul_second_digits(d))
+    return f"{a}*{b}=", str(a * b)
+
+
+def _sort(rng: random.Random, d: int) -> tuple[str, str]:
+    s = _digit_string(rng, d)
+    return f"sort {s}=", "".join(sorted(s))
+
+
+def _count(rng: random.Random, d: int) -> tuple[str, str]:
+    s = _digit_string(rng, d)
+    # Half the time count a digit that occurs, so answers are not mostly "0".
+    target = rng.choice(s) if rng.random() < 0.5 else rng.choice(DIGITS)
+    return f"count {target} in {s}=", str(s.count(target))
+
+
+def _reverse(rng: random.Random, d: int) -> tuple[str, str]:
+    s = _digit_string(rng, d)
+    return f"rev {s}=", s[::-1]
+
+
+def _max(rng: random.Random, d: int) -> tuple[str, str]:
+    values = [_number(rng, d) for _ in range(3)]
+    return f"max {values[0]} {values[1]} {values[2]}=", str(max(values))
+
+
+FAMILIES: dict[str, TaskFamily] = {
+    family.name: family
+    for family in (
+        TaskFamily("add", "a+b with two d-digit operands", _add, r"\d+", True, lambda d: _count_numbers(d) ** 2),
+        TaskFamily(
+            "sub",
+            "a-b with two d-digit operands, a >= b (answers never negative)",
+            _sub,
+            r"\d+",
+            True,
+            lambda d: _count_numbers(d) * (_count_numbers(d) + 1) // 2,
+        ),
+        TaskFamily(
+            "mul",
+            "a*b, a with d digits, b with 1 digit (d <= 3), one more digit every 3 levels",
+            _mul,
+            r"\d+",
+            True,
+            lambda d: _count_numbers(d) * _count_numbers(_mul_second_digits(d)),
+        ),
+        TaskFamily("sort", "sort the d digits ascending (leading zeros kept)", _sort, r"\d+", False, lambda d: 10**d),
+        TaskFamily("count", "count a digit in a d-digit string", _count, r"\d+", True, lambda d: 10 ** (d + 1)),
+        TaskFamily("reverse", "reverse a d-digit string (leading zeros kept)", _reverse, r"\d+", False, lambda d: 10**d),
+        TaskFamily("max", "largest of three d-digit numbers", _max, r"\d+", True, lambda d: _count_numbers(d) ** 3),
+    )
+}
+
+
+def get_family(name: str) -> TaskFamily:
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown task family '{name}' (valid: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def answer_is_numeric(family: str | None) -> bool:
+    """Built-in families say; anything else (loaded data, None) compares as numbers."""
+    return FAMILIES[family].numeric if family in FAMILIES else True
+
+
+def answer_pattern(family: str | None) -> str:
+    return FAMILIES[family].answer_pattern if family in FAMILIES else LOADED_ANSWER_PATTERN
+
+
+# --------------------------------------------------------------------------- generation and splits
+
+
+def generate_examples(
+    family: str, n: int, seed: int, difficulty: int = 2, reward_scale: tuple[float, float] = (0.0, 1.0)
+) -> list[Example]:
+    """`n` independent draws (repeats possible), deterministic given `seed`."""
+    task = get_family(family)
+    task.check_difficulty(difficulty)
+    if n < 0:
+        raise ConfigError(f"number of examples must be >= 0, got {n}")
+    rng = random.Random(seed)
+    return [Example(*task.generate(rng, difficulty), family, reward_scale) for _ in range(n)]
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    difficulty: int = 2
+    reward_scale: tuple[float, float] = (0.0, 1.0)
+    weight: float = 1.0  # scales this family's share of n_train / n_test
+
+
+@dataclass
+class _Space:
+    """Test prompts already taken from one (family, difficulty) prompt space."""
+
+    size: int
+    test_prompts: set[str] = field(default_factory=set)
+
+
+def _draw_budget(n: int) -> int:
+    # Rejection sampling bound: generous for any generator, finite for every one.
+    return 50 * n + 1000
+
+
+def make_splits(
+    specs: Sequence[FamilySpec], n_train: int, n_test: int, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(train, test), in spec order, with no prompt in both.
+
+    Per family: max(1, round(n * weight)) examples. Test prompts are distinct
+    and drawn first; train excludes them and stays distinct while the prompt
+    space allows, then repeats. A test split never takes more than half of a
+    family's prompt space (e.g. `sort` at difficulty 2 has only 100 prompts),
+    so train always has prompts of its own. Each spec's draws are seeded by
+    (seed, family, difficulty, occurrence), so adding a family leaves the
+    others' examples unchanged.
+    """
+    if n_train < 1 or n_test < 1:
+        raise ConfigError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
+    spaces: dict[tuple[str, int], _Space] = {}
+    occurrences: Counter = Counter()
+    plans = []
+    for spec in specs:
+        task = get_family(spec.name)
+        task.check_difficulty(spec.difficulty)
+        if not spec.weight > 0:
+            raise ConfigError(f"weight of family '{spec.name}' must be > 0, got {spec.weight}")
+        key = (spec.name, spec.difficulty)
+        space = spaces.setdefault(key, _Space(task.num_prompts(spec.difficulty)))
+        rng = random.Random(f"{seed}/{spec.name}/{spec.difficulty}/{occurrences[key]}")
+        occurrences[key] += 1
+        plans.append((spec, task, space, rng))
+
+    test: list[Example] = []
+    for spec, task, space, rng in plans:
+        available = space.size - len(space.test_prompts)
+        wanted = min(max(1, round(n_test * spec.weight)), available // 2)
+        if wanted < 1:
+            raise ConfigError(
+                f"family '{spec.name}' at difficulty {spec.difficulty} has too few distinct prompts "
+                f"({space.size}) for disjoint train and test splits; raise its difficulty"
+            )
+        drawn: list[Example] = []
+        for _ in range(_draw_budget(wanted)):
+            if len(drawn) == wanted:
+                break
+            prompt, answer = task.generate(rng, spec.difficulty)
+            if prompt not in space.test_prompts:
+                space.test_prompts.add(prompt)
+                drawn.append(Example(prompt, answer, spec.name, spec.reward_scale))
+        test += drawn
+
+    train: list[Example] = []
+    for spec, task, space, rng in plans:
+        wanted = max(1, round(n_train * spec.weight))
+        distinct_left = space.size - len(space.test_prompts)
+        seen: set[str] = set()
+        drawn = []
+        attempts = 0
+        while len(drawn) < wanted:
+            prompt, answer = task.generate(rng, spec.difficulty)
+            attempts += 1
+            if prompt in space.test_prompts:
+                continue
+            if prompt in seen and len(seen) < distinct_left and attempts < _draw_budget(wanted):
+                continue  # keep train distinct while unseen prompts remain
+            seen.add(prompt)
+            drawn.append(Example(prompt, answer, spec.name, spec.reward_scale))
+        train += drawn
+    return train, test
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def normalize_answer(text: str, numeric: bool = True) -> str:
+    """Canonical form of an answer for comparison (see the module docstring).
+
+    `numeric=True` canonicalizes text that parses as a number and returns
+    other text stripped; `numeric=False` only strips.
+    """
+    text = text.strip()
+    if not numeric or not any(c.isdigit() for c in text) or not _NUMBER.fullmatch(text):
+        return text
+    value = Decimal(text.replace(",", ""))
+    if value == value.to_integral_value():
+        return str(int(value))  # also maps "-0" to "0"
+    return format(value.normalize(), "f")
+
+
+def completion_text(completion) -> str:
+    """The text of a completion: a string, or TRL's conversational list of messages (last one's content)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content", "")
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+            return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return str(content)
+    if isinstance(completion, list) and not completion:
+        return ""
+    raise TypeError(f"a completion must be a string or a list of messages, got {type(completion).__name__}")
+
+
+def _boxed(text: str) -> str | None:
+    """Content of the last well-formed \\boxed{...} (braces may nest), else None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            if depth == 0:
+                return text[begin:i]
+            depth -= 1
+    return None
+
+
+def _raw_answer(text: str) -> str | None:
+    if "####" in text:
+        after = text.rsplit("####", 1)[1].strip()
+        return after.splitlines()[0].strip() if after else None
+    boxed = _boxed(text)
+    if boxed is not None:
+        return boxed.strip() or None
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return None
+
+
+def extract_answer(completion, family: str | None = None) -> str | None:
+    """The final answer of a completion, normalized the way `family` compares answers.
+
+    Taken from after the last "####" if present, else from the last
+    \\boxed{...}, else the first non-empty line. None when there is none
+    (empty completion, nothing after "####", empty box). `family=None` means
+    numeric normalization, as for loaded data.
+    """
+    raw = _raw_answer(completion_text(completion))
+    return None if raw is None else normalize_answer(raw, answer_is_numeric(family))
+
+
+def is_correct(example: Example, completion) -> bool:
+    predicted = extract_answer(completion, example.family)
+    return predicted is not None and predicted == normalize_answer(example.answer, answer_is_numeric(example.family))
+
+
+# --------------------------------------------------------------------------- JSONL
+
+
+def _answer_from_value(value, numeric: bool) -> str | None:
+    """A reference answer from a JSON value: a number, a string, or a GSM8K solution ending in '#### n'."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    text = str(value)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    text = normalize_answer(text, numeric)
+    return text or None
+
+
+def load_jsonl(
+    path: str | Path,
+    prompt_key: str = "prompt",
+    answer_key: str = "answer",
+    family: str = "jsonl",
+    reward_scale: tuple[float, float] = (0.0, 1.0),
+) -> list[Example]:
+    """One Example per non-blank line; errors name the file and line.
+
+    GSM8K files: pass prompt_key="question"; their worked-solution answers
+    ("... #### 42") become "42".
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    numeric = answer_is_numeric(family)
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for key in (prompt_key, answer_key):
+            if key not in record:
+                raise DataError(f"{where}: missing key '{key}' (keys present: {', '.join(record) or 'none'})")
+        prompt = record[prompt_key]
+        if not isinstance(prompt, str) or not prompt.strip():
+            got = "an empty string" if isinstance(prompt, str) else f"{type(prompt).__name__} {prompt!r}"
+            raise DataError(f"{where}: '{prompt_key}' must be a non-empty string, got {got}")
+        answer = _answer_from_value(record[answer_key], numeric)
+        if answer is None:
+            raise DataError(
+                f"{where}: '{answer_key}' must be a non-empty string or a number, got {record[answer_key]!r}"
+            )
+        examples.append(Example(prompt, answer, family, reward_scale))
+    if not examples:
+        reason = "file is empty" if not lines else "only blank lines"
+        raise DataError(f"{path}: no examples ({reason})")
+    return examples
