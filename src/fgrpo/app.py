@@ -1,0 +1,163 @@
+"""The Flower App: one ClientApp and one ServerApp, run unchanged in-process and on Flower.
+
+The run config carries the whole resolved fgrpo config as TOML text
+(`fgrpo-config`), so a SuperNode needs nothing from the server but the run;
+each node's own data comes from its node config (`partition-id` /
+`num-partitions`, or `data-path` for a private JSONL file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from .client import ClientData, client_data, evaluate_arrays, local_round, pooled_data, round_seed
+from .config import Config
+from .learner import GRPOLearner
+from .pipeline import build_reward, load_policy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_KEY = "fgrpo-config"
+RUN_DIR_KEY = "run-dir"
+LOCAL_ADAPTER_KEY = "local-adapter"
+
+
+def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+@lru_cache(maxsize=4)
+def _config_from_text(text: str) -> Config:
+    from .config import config_from_dict
+
+    return config_from_dict(tomllib.loads(text), source=f"run config '{CONFIG_KEY}'")
+
+
+def config_from_context(context: Context) -> Config:
+    return _config_from_text(str(context.run_config[CONFIG_KEY]))
+
+
+@lru_cache(maxsize=2)
+def _shared_learner(config_text: str) -> GRPOLearner:
+    """One policy per process: in-process clients share it and swap adapters in and out."""
+    config = _config_from_text(config_text)
+    model, tokenizer = load_policy(config.model, config.tasks, config.training.seed)
+    return GRPOLearner(model, tokenizer, config.grpo, build_reward(config.tasks))
+
+
+def shared_learner(context: Context) -> GRPOLearner:
+    return _shared_learner(str(context.run_config[CONFIG_KEY]))
+
+
+@lru_cache(maxsize=256)
+def _client_data(config_text: str, partition_id: int, num_partitions: int, data_path: str) -> ClientData:
+    config = _config_from_text(config_text)
+    if data_path:
+        return file_client_data(config, partition_id, data_path)
+    if config.federation.method == "centralized":
+        return pooled_data(config)
+    return client_data(config, partition_id, num_partitions)
+
+
+def file_client_data(config: Config, partition_id: int, data_path: str) -> ClientData:
+    """A SuperNode's own JSONL file (deployment): its prompts never exist anywhere else."""
+    import random
+
+    from .tasks import load_jsonl
+
+    examples = load_jsonl(data_path, family=f"client{partition_id}")
+    random.Random(config.tasks.seed).shuffle(examples)
+    num_test = max(1, len(examples) // 5) if len(examples) > 1 else 0
+    return ClientData(partition_id, examples[num_test:], examples[:num_test])
+
+
+def node_data(context: Context) -> ClientData:
+    node = context.node_config
+    return _client_data(
+        str(context.run_config[CONFIG_KEY]),
+        int(node.get("partition-id", 0)),
+        int(node.get("num-partitions", 1)),
+        str(node.get("data-path", "")),
+    )
+
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    """Local GRPO round. Replies with θ_k and aggregate statistics only."""
+    config = config_from_context(context)
+    learner = shared_learner(context)
+    data = node_data(context)
+    round_config = msg.content["config"]
+    start = record_to_arrays(msg.content["arrays"])
+    local_only = bool(round_config.get("local-only", False))
+    if local_only and LOCAL_ADAPTER_KEY in context.state:
+        start = record_to_arrays(context.state[LOCAL_ADAPTER_KEY])  # local-only ignores the global model
+    server_round = int(round_config.get("server-round", 0))
+    arrays, metrics = local_round(
+        learner,
+        start,
+        data,
+        local_steps=int(round_config.get("local-steps", config.federation.local_steps)),
+        prompts_per_step=config.training.prompts_per_step,
+        seed=round_seed(config.training.seed, data.client_id, server_round),
+        proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+    )
+    record = arrays_to_record(arrays)
+    if local_only:
+        context.state[LOCAL_ADAPTER_KEY] = record
+    metrics.update({"num-examples": len(data.train), "client-id": data.client_id})
+    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@client_app.evaluate()
+def client_evaluate(msg: Message, context: Context) -> Message:
+    """Greedy accuracy of the received (or, local-only, the client's own) weights on the client's held-out split."""
+    config = config_from_context(context)
+    learner = shared_learner(context)
+    data = node_data(context)
+    arrays = record_to_arrays(msg.content["arrays"])
+    if bool(msg.content["config"].get("local-only", False)) and LOCAL_ADAPTER_KEY in context.state:
+        arrays = record_to_arrays(context.state[LOCAL_ADAPTER_KEY])
+    metrics: dict[str, float | int] = {"num-examples": len(data.test), "client-id": data.client_id}
+    if data.test:
+        result = evaluate_arrays(learner, arrays, data.test, config.grpo.max_completion_length)
+        metrics["acc-heldout"] = result["eval/acc_heldout"]
+        for ex_family in sorted({ex.family for ex in data.test}):
+            metrics[f"acc/{ex_family}"] = result[f"eval/acc/{ex_family}"]
+            metrics[f"n/{ex_family}"] = sum(ex.family == ex_family for ex in data.test)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    """Flower deployment entry point: the same federation loop as the in-process runtime."""
+    from .server import run_federation
+
+    config = config_from_context(context)
+    run_dir = Path(str(context.run_config.get(RUN_DIR_KEY, config.output.dir)))
+    run_federation(grid, config, run_dir, progress=False)
+
+
+def config_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

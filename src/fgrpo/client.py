@@ -1,0 +1,114 @@
+"""One client's local round: global adapter in → E GRPO steps on private prompts → (θ_k, n_k, reward stats) out.
+
+Nothing here knows which aggregation strategy runs, and prompts, completions
+and per-example rewards never leave this module: only the adapter and
+aggregate statistics are returned.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import Config
+from .evaluate import evaluate
+from .learner import GRPOLearner, ProximalTerm, seeded
+from .model import get_trainable_arrays, set_trainable_arrays, trainable_parameters
+from .partition import partition
+from .pipeline import build_task_pool
+from .tasks import Example
+
+
+@dataclass
+class ClientData:
+    """A client's private examples: its training prompts and its held-out split."""
+
+    client_id: int
+    train: list[Example]
+    test: list[Example]
+
+
+def client_data(config: Config, client_id: int, num_clients: int) -> ClientData:
+    """Partition the configured pool and keep client `client_id`'s share.
+
+    Train and held-out sets are partitioned with the same scheme and seed, so a
+    client's held-out split follows its own (non-IID) distribution, and the
+    clients' held-out splits together are exactly the pooled held-out set.
+    """
+    train_pool, test_pool = build_task_pool(config.tasks)
+    options = {"alpha": config.federation.partition.alpha}
+    scheme = config.federation.partition.scheme
+    seed = config.tasks.seed
+    train_parts = partition([ex.family for ex in train_pool], scheme, num_clients, seed, **options)
+    test_parts = partition([ex.family for ex in test_pool], scheme, num_clients, seed, **options)
+    return ClientData(
+        client_id,
+        [train_pool[i] for i in train_parts[client_id]],
+        [test_pool[i] for i in test_parts[client_id]],
+    )
+
+
+def pooled_data(config: Config) -> ClientData:
+    """Centralized mode: one client holding every example."""
+    train_pool, test_pool = build_task_pool(config.tasks)
+    return ClientData(0, train_pool, test_pool)
+
+
+def round_seed(seed: int, client_id: int, server_round: int) -> int:
+    """A seed per (run, client, round): results do not depend on client order."""
+    return (seed * 1_000_003 + client_id * 10_007 + server_round) % 2**31
+
+
+def pooled_std(means: list[float], stds: list[float]) -> float:
+    """Std over equal-sized batches from their means and (population) stds."""
+    means_arr, stds_arr = np.asarray(means), np.asarray(stds)
+    second_moment = np.mean(stds_arr**2 + means_arr**2)
+    return float(np.sqrt(max(second_moment - np.mean(means_arr) ** 2, 0.0)))
+
+
+def local_round(
+    learner: GRPOLearner,
+    start_arrays: dict[str, np.ndarray],
+    data: ClientData,
+    *,
+    local_steps: int,
+    prompts_per_step: int,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train from `start_arrays` for `local_steps` GRPO steps; return (θ_k, metrics)."""
+    model = learner.model
+    set_trainable_arrays(model, start_arrays)
+    learner.reset_optimizer()
+    proximal = None
+    if proximal_mu > 0:
+        anchor = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
+        proximal = ProximalTerm(proximal_mu, anchor)
+    rng = random.Random(seed)
+    steps = []
+    with seeded(seed):
+        for _ in range(local_steps):
+            batch = rng.sample(data.train, min(prompts_per_step, len(data.train)))
+            steps.append(learner.step(batch, proximal))
+    means = [s["train/reward_mean"] for s in steps]
+    metrics = {
+        "reward-mean": float(np.mean(means)),
+        "reward-std": pooled_std(means, [s["train/reward_std"] for s in steps]),
+        "accuracy": float(np.mean([s["train/accuracy"] for s in steps])),
+        "kl": float(np.mean([s["train/kl"] for s in steps])),
+        "completion-len": float(np.mean([s["train/completion_len"] for s in steps])),
+        "train-time": float(sum(s["train/step_s"] for s in steps)),
+    }
+    return get_trainable_arrays(model), metrics
+
+
+def evaluate_arrays(
+    learner: GRPOLearner, arrays: dict[str, np.ndarray], examples: list[Example], max_completion_length: int
+) -> dict[str, float]:
+    """Greedy held-out accuracy of the given weights on `examples` (per family too)."""
+    set_trainable_arrays(learner.model, arrays)
+    with torch.inference_mode():
+        return evaluate(learner.model, learner.tokenizer, examples, max_completion_length, prefix="eval")

@@ -1,0 +1,65 @@
+"""Run modes: one federated experiment in-process (the default), and comparisons of methods × seeds.
+
+The in-process runtime hands the very ClientApp and federation loop that run
+on Flower to an in-process Grid: no Ray, no sockets, one model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Config, dump_config
+from .errors import ConfigError
+
+
+def node_configs(config: Config) -> list[dict]:
+    """One node per client (a single node holding the pooled data for centralized)."""
+    if config.federation.method == "centralized":
+        return [{"partition-id": 0, "num-partitions": 1}]
+    n = config.federation.num_clients
+    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+
+
+def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run one federated experiment in this process; returns the run summary."""
+    from .app import CONFIG_KEY, client_app
+    from .inprocess import InProcessGrid
+    from .server import run_federation
+
+    run_config = {CONFIG_KEY: dump_config(config)}
+    grid = InProcessGrid(client_app, node_configs(config), run_config=run_config)
+    return run_federation(grid, config, Path(config.output.dir), progress=progress, overwrite=overwrite)
+
+
+def with_method(config: Config, method: str, seed: int, output_dir: Path) -> Config:
+    """A copy of `config` for one cell of a comparison."""
+    data = config.model_dump()
+    data["federation"]["method"] = method
+    data["training"]["seed"] = seed
+    data["output"]["dir"] = str(output_dir)
+    return Config.model_validate(data)
+
+
+def run_comparison(
+    config: Config, methods: list[str], seeds: list[int], out_dir: Path, *, overwrite: bool = False, progress: bool = True
+) -> list[dict]:
+    """The same scenario under each method and seed: out_dir/<method>/seed<k>/."""
+    from .config import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"comparison directory '{out_dir}' already exists; pass --overwrite to replace it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(
+        json.dumps({"methods": methods, "seeds": seeds, "scenario": config.output.dir}, indent=2)
+    )
+    summaries = []
+    for method in methods:
+        for seed in seeds:
+            cell = with_method(config, method, seed, out_dir / method / f"seed{seed}")
+            summaries.append(run_simulation(cell, overwrite=True, progress=progress))
+    return summaries

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from fgrpo.config import Config, dump_config, load_config, parse_override
+from fgrpo.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    config = Config()
+    again = load_config(write(tmp_path, dump_config(config)))
+    assert again == config
+
+
+def test_typo_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, "[grpo]\nnum_generation = 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "grpo.num_generation" in message and "did you mean 'num_generations'" in message
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
+        load_config(write(tmp_path, "[trainer]\nsteps = 3\n"))
+
+
+def test_wrong_type_and_range_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"grpo\.num_generations.*(integer|greater)"):
+        load_config(write(tmp_path, "[grpo]\nnum_generations = 'eight'\n"))
+    with pytest.raises(ConfigError, match=r"grpo\.num_generations: Input should be greater than or equal to 2"):
+        load_config(write(tmp_path, "[grpo]\nnum_generations = 1\n"))
+    with pytest.raises(ConfigError, match=r"grpo\.loss_type.*'grpo', 'bnpo', 'dr_grpo' or 'dapo'"):
+        load_config(write(tmp_path, "[grpo]\nloss_type = 'ppo'\n"))
+
+
+def test_reward_scale_must_be_ordered(tmp_path):
+    text = "[[tasks.families]]\nname = 'add'\nreward_scale = [1.0, 0.0]\n"
+    with pytest.raises(ConfigError, match=r"tasks\.families\.0\.reward_scale.*low < high"):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[grpo\n"))
+
+
+def test_overrides_win_and_parse_types(tmp_path):
+    path = write(tmp_path, "[grpo]\nbeta = 0.0\n")
+    config = load_config(path, parse_override("grpo.beta=0.04") | {"training": {"steps": 7}})
+    assert config.grpo.beta == 0.04 and config.training.steps == 7
+    assert parse_override("output.dir=runs/x") == {"output": {"dir": "runs/x"}}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("grpo.beta")
+
+
+def test_fgrpo_temperature_accepts_inf(tmp_path):
+    config = load_config(write(tmp_path, "[federation.fgrpo]\ntemperature = inf\nw_min = 0.1\nw_max = 0.5\n"))
+    assert config.federation.fgrpo.temperature == float("inf")
+    assert load_config(write(tmp_path, dump_config(config))).federation.fgrpo.temperature == float("inf")
+    with pytest.raises(ConfigError, match="w_min"):
+        load_config(write(tmp_path, "[federation.fgrpo]\nw_min = 0.6\nw_max = 0.5\n"))
+
+
+def test_shipped_configs_load():
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("examples/*.toml"), *root.glob("src/fgrpo/scenarios/*.toml")]:
+        load_config(path)

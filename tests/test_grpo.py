@@ -1,0 +1,188 @@
+"""GRPO math against TRL's own GRPOTrainer._compute_loss on identical tensors, and hand-derived cases."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fgrpo.grpo import (
+    LOSS_TYPES,
+    aggregate_token_loss,
+    completion_mask_after_eos,
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    token_log_probs,
+)
+
+trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+
+
+def trl_loss(log_probs, old_log_probs, advantages, mask, *, loss_type, beta, eps_low, eps_high, ref, max_len):
+    """Call TRL's real loss code with a stand-in trainer whose model returns `log_probs`."""
+
+    class Accelerator:
+        num_processes = 1
+        sync_gradients = True
+
+        @staticmethod
+        def gather(x):
+            return x
+
+        gather_for_metrics = gather
+
+        @staticmethod
+        def reduce(x, reduction="sum"):
+            return x
+
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (log_probs, torch.zeros_like(log_probs), None),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=max_len,
+        accelerator=Accelerator(),
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+    )
+    n, t = mask.shape
+    inputs = {
+        "prompt_ids": torch.zeros(n, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(n, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(n, t, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "num_items_in_batch": mask.sum(),
+    }
+    if old_log_probs is not None:
+        inputs["old_per_token_logps"] = old_log_probs
+    if beta:
+        inputs["ref_per_token_logps"] = ref
+    return trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+def random_case(seed: int, n: int = 6, t: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    log_probs = (-torch.rand(n, t, generator=g) * 3).requires_grad_(True)
+    old = log_probs.detach() + 0.4 * torch.randn(n, t, generator=g)  # ratios far outside [0.8, 1.2]: clipping active
+    ref = log_probs.detach() + 0.3 * torch.randn(n, t, generator=g)
+    advantages = torch.randn(n, generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    return log_probs, old, ref, advantages, mask
+
+
+@pytest.mark.parametrize(
+    "loss_type,beta,use_old", list(itertools.product(LOSS_TYPES, [0.0, 0.04], [False, True]))
+)
+def test_loss_and_gradient_match_trl(loss_type, beta, use_old):
+    log_probs, old, ref, advantages, mask = random_case(7)
+    ours = grpo_loss(
+        log_probs,
+        old if use_old else None,
+        advantages,
+        mask,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        beta=beta,
+        ref_log_probs=ref,
+        loss_type=loss_type,
+        max_completion_length=5,
+    ).loss
+    (our_grad,) = torch.autograd.grad(ours, log_probs)
+    theirs = trl_loss(
+        log_probs, old if use_old else None, advantages, mask,
+        loss_type=loss_type, beta=beta, eps_low=0.2, eps_high=0.28, ref=ref, max_len=5,
+    )
+    (their_grad,) = torch.autograd.grad(theirs, log_probs)
+    assert torch.allclose(ours, theirs, atol=1e-6), (float(ours), float(theirs))
+    assert torch.allclose(our_grad, their_grad, atol=1e-6)
+    assert ours.abs() > 0  # a non-trivial case
+
+
+def test_hand_computed_clipped_regions():
+    # One token per sequence, four sequences; ratio ρ = exp(lp - old).
+    old = torch.zeros(4, 1)
+    log_probs = torch.log(torch.tensor([[1.5], [0.5], [1.1], [0.5]])).requires_grad_(True)
+    advantages = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    mask = torch.ones(4, 1)
+    out = grpo_loss(log_probs, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.2, loss_type="bnpo")
+    # per-token: -min(ρA, clip(ρ)A)
+    #  ρ=1.5, A=+1 → -min(1.5, 1.2) = -1.2   (high clip, no gradient)
+    #  ρ=0.5, A=-1 → -min(-0.5, -0.8) = 0.8  (low clip, no gradient)
+    #  ρ=1.1, A=+1 → -1.1                    (inside, gradient -ρ = -1.1)
+    #  ρ=0.5, A=+1 → -min(0.5, 0.8) = -0.5   (below the range but A>0: unclipped, gradient -0.5)
+    assert out.loss.item() == pytest.approx((-1.2 + 0.8 - 1.1 - 0.5) / 4)
+    (grad,) = torch.autograd.grad(out.loss, log_probs)
+    assert grad.squeeze().tolist() == pytest.approx([0.0, 0.0, -1.1 / 4, -0.5 / 4])
+    assert out.clip_fraction == pytest.approx(0.5)
+    assert out.clip_high_fraction == pytest.approx(0.25) and out.clip_low_fraction == pytest.approx(0.25)
+
+
+def test_hand_computed_loss_aggregations():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate_token_loss(per_token, mask, "grpo", 4).item() == pytest.approx((6 / 3 + 4 / 1) / 2)
+    assert aggregate_token_loss(per_token, mask, "bnpo", 4).item() == pytest.approx(10 / 4)
+    assert aggregate_token_loss(per_token, mask, "dr_grpo", 4).item() == pytest.approx(10 / (2 * 4))
+    assert aggregate_token_loss(per_token, mask, "dapo", 4).item() == pytest.approx(10 / 4)
+    assert aggregate_token_loss(per_token, mask, "dapo", 4, num_items_in_batch=8).item() == pytest.approx(10 / 8)
+
+
+def test_group_advantages_hand_values():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 10.0, 10.0, 0.0, 0.0])  # two groups of 4
+    # group 1: mean .25, unbiased std .5; group 2: mean 5, std sqrt(100/3)
+    adv_none = group_advantages(rewards, 4, "none")
+    assert adv_none.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 5, 5, -5, -5])
+    adv_group = group_advantages(rewards, 4, "group")
+    assert adv_group[:4].tolist() == pytest.approx([0.75 / 0.5001, -0.25 / 0.5001] + [-0.25 / 0.5001] * 2, rel=1e-5)
+    std2 = (100 / 3) ** 0.5
+    assert adv_group[4].item() == pytest.approx(5 / (std2 + 1e-4), rel=1e-5)
+    batch_std = rewards.std().item()
+    assert group_advantages(rewards, 4, "batch")[4].item() == pytest.approx(5 / (batch_std + 1e-4), rel=1e-5)
+
+
+def test_group_scaling_is_invariant_to_reward_scale():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    assert torch.allclose(group_advantages(rewards, 4), group_advantages(10 * rewards - 3, 4), atol=1e-3)
+
+
+def test_identical_rewards_give_zero_advantage():
+    assert group_advantages(torch.full((8,), 3.0), 4).abs().max() == 0
+
+
+def test_kl_k3_is_zero_at_equality_and_positive_otherwise():
+    a = torch.tensor([[-1.0, -2.0]])
+    assert kl_k3(a, a).abs().max() == 0
+    assert (kl_k3(a, a + torch.tensor([[0.5, -0.5]])) > 0).all()
+    # hand value: r = 0.5 → e^0.5 - 0.5 - 1
+    assert kl_k3(torch.tensor([[0.0]]), torch.tensor([[0.5]])).item() == pytest.approx(2.718281828**0.5 - 1.5)
+
+
+def test_completion_mask_keeps_tokens_through_first_eos():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    assert completion_mask_after_eos(ids, eos_token_id=2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_token_log_probs_applies_temperature():
+    logits = torch.tensor([[[2.0, 0.0]]])
+    ids = torch.tensor([[0]])
+    assert token_log_probs(logits, ids).item() == pytest.approx(torch.log_softmax(logits, -1)[0, 0, 0].item())
+    assert token_log_probs(logits, ids, temperature=2.0).item() == pytest.approx(
+        torch.log_softmax(logits / 2, -1)[0, 0, 0].item()
+    )

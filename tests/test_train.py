@@ -1,0 +1,107 @@
+"""End to end on the tiny model: a learner step, `fgrpo train`, evaluation helpers."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fgrpo.cli import app
+from fgrpo.errors import RewardError
+from fgrpo.evaluate import pass_at_k
+from fgrpo.learner import GRPOLearner
+from fgrpo.model import get_trainable_arrays
+from fgrpo.pipeline import build_reward, build_task_pool, load_policy
+from fgrpo.rewards import WeightedReward
+
+
+def test_pass_at_k_hand_values():
+    assert pass_at_k(4, 0, 1) == 0.0
+    assert pass_at_k(4, 4, 2) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+
+
+def test_learner_step_updates_adapter_and_reports_metrics(small_config):
+    train, _ = build_task_pool(small_config.tasks)
+    model, tokenizer = load_policy(small_config.model, small_config.tasks, seed=0)
+    def length_reward(prompts, completions, **kwargs):  # varies within a group, so advantages are non-zero
+        return [float(len(c)) for c in completions]
+
+    grpo = small_config.grpo.model_copy(update={"learning_rate": 1e-2})
+    learner = GRPOLearner(model, tokenizer, grpo, WeightedReward([(length_reward, 1.0)]))
+    before = get_trainable_arrays(model)
+    metrics = learner.step(train[:2] + train[-2:])  # both families
+    after = get_trainable_arrays(model)
+    assert any(not np.allclose(before[k], after[k]) for k in before)
+    assert 0 <= metrics["train/accuracy"] <= 1
+    assert metrics["train/completion_len"] >= 1
+    assert {"train/reward/add", "train/reward/sort", "train/kl", "train/clip_frac", "train/tokens_per_s"} <= set(metrics)
+
+
+def test_learner_with_kl_uses_base_model_as_reference(small_config):
+    train, _ = build_task_pool(small_config.tasks)
+    model, tokenizer = load_policy(small_config.model, small_config.tasks, seed=0)
+    grpo = small_config.grpo.model_copy(update={"beta": 0.1, "num_iterations": 2, "learning_rate": 5e-2})
+    def length_reward(prompts, completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    learner = GRPOLearner(model, tokenizer, grpo, WeightedReward([(length_reward, 1.0)]))
+    assert learner.reference is None  # LoRA: adapters disabled = reference, no copy
+    learner.step(train[:4])
+    metrics = learner.step(train[:4])
+    assert metrics["train/kl"] > 0  # the adapter moved away from the base model
+
+
+def test_reward_function_that_raises_is_named(small_config):
+    train, _ = build_task_pool(small_config.tasks)
+    model, tokenizer = load_policy(small_config.model, small_config.tasks, seed=0)
+
+    def broken_reward(prompts, completions, **kwargs):
+        raise KeyError("oops")
+
+    learner = GRPOLearner(model, tokenizer, small_config.grpo, WeightedReward([(broken_reward, 1.0)]))
+    with pytest.raises(RewardError, match="broken_reward"):
+        learner.step(train[:2])
+
+
+def test_fgrpo_train_cli_writes_results(tmp_path):
+    from conftest import small_config_dict
+    import tomli_w
+
+    config_path = tmp_path / "c.toml"
+    config_path.write_text(tomli_w.dumps(small_config_dict(tmp_path)))
+    result = CliRunner().invoke(app, ["train", str(config_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in evals] == [0, 2] and len(steps) == 2
+    assert {"eval/acc/add", "eval/acc/sort", "eval/pass@2"} <= set(evals[0])
+    assert (run_dir / "config.toml").exists() and (run_dir / "adapter" / "adapter_config.json").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final/acc_heldout"] == evals[-1]["eval/acc_heldout"]
+    # same seed, same run: repeatable
+    again = CliRunner().invoke(app, ["train", str(config_path), "--quiet", "--overwrite", "-o", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    records2 = [json.loads(l) for l in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("train/reward_mean") for r in records2] == [r.get("train/reward_mean") for r in records]
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[grpo]\nnum_generation = 4\n")
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "num_generation" in result.output and "Traceback" not in result.output
+
+
+def test_existing_results_dir_is_refused(tmp_path, small_config):
+    from fgrpo.errors import ConfigError
+    from fgrpo.results import prepare_run_dir
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already exists.*--overwrite"):
+        prepare_run_dir(tmp_path / "run")
