@@ -140,7 +140,8 @@ def quickstart(
     run_comparison(cfg, _split(methods), list(range(seeds)), output, overwrite=overwrite, progress=not quiet)
     path = write_report(output)
     console.print(f"quickstart done: report in {path}")
-    console.print((path).read_text().split("## ")[0:3][-1] if path.exists() else "")
+    table = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    print("\n".join(table))
 
 
 @app.command()

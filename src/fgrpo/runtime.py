@@ -21,8 +21,16 @@ def node_configs(config: Config) -> list[dict]:
     return [{"partition-id": i, "num-partitions": n} for i in range(n)]
 
 
+def quiet_flower_logs() -> None:
+    """Flower logs every sampling step at INFO; the progress bar and metrics.jsonl say it better."""
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
 def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Run one federated experiment in this process; returns the run summary."""
+    quiet_flower_logs()
     from .app import CONFIG_KEY, client_app
     from .inprocess import InProcessGrid
     from .server import run_federation
