@@ -25,6 +25,8 @@ def quiet_flower_logs() -> None:
     """Flower logs every sampling step at INFO; the progress bar and metrics.jsonl say it better."""
     import logging
 
+    import flwr.serverapp  # noqa: F401  (Flower sets its logger to DEBUG on import: import first, then quiet it)
+
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
