@@ -8,7 +8,6 @@ each node's own data comes from its node config (`partition-id` /
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -157,7 +156,3 @@ def server_main(grid: Grid, context: Context) -> None:
     config = config_from_context(context)
     run_dir = Path(str(context.run_config.get(RUN_DIR_KEY, config.output.dir)))
     run_federation(grid, config, run_dir, progress=False)
-
-
-def config_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]

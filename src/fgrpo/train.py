@@ -11,7 +11,6 @@ import torch
 from .config import Config
 from .evaluate import evaluate
 from .learner import GRPOLearner
-from .model import get_trainable_arrays
 from .pipeline import build_reward, build_task_pool, load_policy
 from .results import MetricsWriter, prepare_run_dir, write_config, write_summary
 from .tasks import Example
@@ -120,6 +119,3 @@ def _progress(enabled: bool):
         TextColumn("{task.fields[info]}"),
         disable=not enabled,
     )
-
-
-__all__ = ["run_training", "PromptSampler", "get_trainable_arrays"]
