@@ -174,6 +174,28 @@ class PartitionConfig(Section):
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed).")
 
 
+class DefenseConfig(Section):
+    """Server-side defences against faulty or lying clients (applied before any strategy aggregates)."""
+
+    norm_clip: float | None = Field(
+        None, gt=1, description="Updates with ‖Δ‖ above this multiple of the round's median norm are scaled (or rejected)."
+    )
+    norm_clip_mode: Literal["scale", "reject"] = Field("scale", description="What to do with an oversized update.")
+    robust: Literal["none", "median", "trimmed_mean"] = Field(
+        "none", description="Coordinate-wise robust aggregation of the (weighted) updates."
+    )
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="Share cut from each end for 'trimmed_mean'.")
+
+
+class DPConfig(Section):
+    """Client-level differential privacy: each client clips its update and adds Gaussian noise."""
+
+    enabled: bool = False
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound C on each client's update Δ_k.")
+    noise_multiplier: float = Field(1.0, ge=0, description="σ: noise std is σ·C (per client, before averaging).")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported (ε, δ).")
+
+
 METHODS = ("fgrpo", "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reward_weighted", "centralized", "local")
 
 
@@ -186,7 +208,13 @@ class FederationConfig(Section):
     min_train_clients: int = Field(1, ge=1, description="Sample at least this many; fewer successes fail the round.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx μ (used by method 'fedprox').")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds.")
+    round_timeout_s: float | None = Field(
+        None, gt=0, description="Wait at most this long for a round's replies; late clients count as failed."
+    )
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint the server state every K rounds (for --resume).")
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    defense: DefenseConfig = Field(default_factory=DefenseConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
     fgrpo: FGRPOOptions = Field(default_factory=FGRPOOptions)
     server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig)
 

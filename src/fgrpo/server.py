@@ -132,7 +132,7 @@ def run_federation(grid: Grid, config: Config, run_dir: Path, *, progress: bool 
 
         def evaluate_round(server_round: int) -> dict[str, float]:
             messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid)
-            replies = [r for r in grid.send_and_receive(messages) if not r.has_error()]
+            replies = [r for r in grid.send_and_receive(messages, timeout=fed.round_timeout_s) if not r.has_error()]
             for reply in replies:
                 m = reply.content["metrics"]
                 if "acc-heldout" in m:
@@ -146,7 +146,7 @@ def run_federation(grid: Grid, config: Config, run_dir: Path, *, progress: bool 
             round_start = time.perf_counter()
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
             bytes_down = sum(_record_bytes(m) for m in messages)
-            replies = list(grid.send_and_receive(messages))
+            replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
             ok = [r for r in replies if not r.has_error()]
             failed = [r for r in replies if r.has_error()]
             if len(ok) < min(fed.min_train_clients, len(messages)):
