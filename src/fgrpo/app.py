@@ -95,7 +95,33 @@ def node_data(context: Context) -> ClientData:
     )
 
 
-client_app = ClientApp()
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's `fixedclipping_mod` on train messages when the server asks for DP clipping, a pass-through otherwise."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.app import MessageType
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def simulate_attack(
+    config: Config, client_id: int, server_round: int, start: dict[str, np.ndarray], arrays: dict, metrics: dict
+) -> tuple[dict[str, np.ndarray], dict]:
+    """A malicious client (federation.attack): lie about the reward, scale the update. Honest clients pass through."""
+    attack = config.federation.attack
+    if client_id not in attack.clients:
+        return arrays, metrics
+    if attack.update_scale != 1.0:
+        arrays = {k: start[k] + attack.update_scale * (v - start[k]) for k, v in arrays.items()}
+    if attack.reward_growth is not None:
+        metrics = {**metrics, "reward-mean": float(attack.reward_growth ** max(server_round, 1))}
+    return arrays, metrics
+
+
+client_app = ClientApp(mods=[dp_clipping_mod])
 
 
 @client_app.train()
@@ -119,10 +145,11 @@ def client_train(msg: Message, context: Context) -> Message:
         seed=round_seed(config.training.seed, data.client_id, server_round),
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
     )
+    arrays, metrics = simulate_attack(config, data.client_id, server_round, start, arrays, metrics)
     record = arrays_to_record(arrays)
     if local_only:
         context.state[LOCAL_ADAPTER_KEY] = record
-    metrics.update({"num-examples": len(data.train), "client-id": data.client_id})
+    metrics.update({"num-examples": len(data.train), "client-id": data.client_id, "unit-weight": 1})
     return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

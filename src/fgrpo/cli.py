@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import FgrpoError
+from .errors import ConfigError, FgrpoError
 
 app = typer.Typer(
     help="Federated GRPO: RL fine-tuning of language models across data owners, aggregated by relative gain.",
@@ -76,13 +76,18 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Results directory (overrides output.dir)."),
     set_values: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing results directory."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last checkpoint (same config)."
+    ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
     """One federated experiment, in-process (ServerApp + ClientApp on an in-process grid)."""
     from .runtime import run_simulation
 
-    cfg = _load(config, set_values, output)
-    summary = run_simulation(cfg, overwrite=overwrite, progress=not quiet)
+    if resume is not None and (overwrite or output is not None):
+        raise ConfigError("--resume continues RUN_DIR in place; it cannot be combined with --overwrite or --output")
+    cfg = _load(config, set_values, resume if resume is not None else output)
+    summary = run_simulation(cfg, overwrite=overwrite, progress=not quiet, resume=resume is not None)
     console.print(
         f"{summary['method']}: global held-out accuracy {summary['initial/acc_heldout']:.1%} → "
         f"{summary['final/acc_heldout']:.1%} in {summary['rounds']} rounds, {summary['wall_s']:.0f} s; "

@@ -196,6 +196,16 @@ class DPConfig(Section):
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported (ε, δ).")
 
 
+class AttackConfig(Section):
+    """Simulated malicious clients, to measure defences (research use: honest runs leave this empty)."""
+
+    clients: list[int] = Field(default_factory=list, description="Client ids that lie.")
+    reward_growth: float | None = Field(
+        None, gt=1, description="Report reward-mean = growth^round (a fake, ever-growing gain) instead of the truth."
+    )
+    update_scale: float = Field(1.0, gt=0, description="Send θ_t + scale·(θ_k − θ_t) instead of θ_k.")
+
+
 METHODS = ("fgrpo", "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reward_weighted", "centralized", "local")
 
 
@@ -215,6 +225,7 @@ class FederationConfig(Section):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     dp: DPConfig = Field(default_factory=DPConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
     fgrpo: FGRPOOptions = Field(default_factory=FGRPOOptions)
     server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig)
 

@@ -30,8 +30,8 @@ def quiet_flower_logs() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run one federated experiment in this process; returns the run summary."""
+def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
+    """Run one federated experiment in this process (or continue it from its checkpoint); returns the summary."""
     quiet_flower_logs()
     from .app import CONFIG_KEY, client_app
     from .inprocess import InProcessGrid
@@ -39,7 +39,7 @@ def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = 
 
     run_config = {CONFIG_KEY: dump_config(config)}
     grid = InProcessGrid(client_app, node_configs(config), run_config=run_config)
-    return run_federation(grid, config, Path(config.output.dir), progress=progress, overwrite=overwrite)
+    return run_federation(grid, config, Path(config.output.dir), progress=progress, overwrite=overwrite, resume=resume)
 
 
 def with_method(config: Config, method: str, seed: int, output_dir: Path) -> Config:

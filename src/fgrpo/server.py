@@ -1,10 +1,11 @@
-"""The federation loop the ServerApp runs: sample → local rounds → aggregate → evaluate → log.
+"""The federation loop the ServerApp runs: sample → local rounds → screen → aggregate → evaluate → log → checkpoint.
 
 It drives any Flower `Strategy` through its own `configure_train` /
 `aggregate_train` / `configure_evaluate` calls (rather than `Strategy.start`)
 so that every round can log per-client statistics and aggregation weights to
-metrics.jsonl. The same loop runs on the in-process grid and on a real
-SuperLink.
+metrics.jsonl, exclude faulty replies before any strategy sees them, and
+checkpoint the server state for `--resume`. The same loop runs on the
+in-process grid and on a real SuperLink.
 """
 
 from __future__ import annotations
@@ -12,19 +13,38 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from .checkpoint import (
+    ServerState,
+    capture_rng,
+    config_differences,
+    load_checkpoint,
+    load_strategy_state,
+    restore_rng,
+    save_checkpoint,
+    strategy_state,
+)
 from .config import Config, dump_config
-from .errors import FederationError
+from .defense import norm_clip_factors, scale_update, screen_update, update_norm
+from .errors import ConfigError, FederationError
 from .model import arrays_nbytes
 from .results import MetricsWriter, prepare_run_dir, write_config, write_summary
 from .strategies import make_strategy
 
 # Methods that are run modes of the same code rather than Flower strategies.
 PLUMBING_STRATEGY = {"centralized": "fedavg", "local": "fedavg"}
+# Flower's robust FedAvg variants, used when a FedAvg run asks for robust aggregation.
+ROBUST_FEDAVG = {"median": "fedmedian", "trimmed_mean": "fedtrimmedavg"}
+# Methods whose aggregation Flower's DP accountant can account for (uniform FedAvg averaging).
+DP_METHODS = ("fedavg", "fedprox")
+UNIT_WEIGHT_KEY = "unit-weight"
+# Keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("federation.rounds", "output.dir")
 
 
 def clients_per_round(config: Config) -> int:
@@ -33,11 +53,11 @@ def clients_per_round(config: Config) -> int:
 
 
 def build_strategy(config: Config, num_nodes: int):
-    """The Flower strategy for the configured method (FedAvg plumbing for centralized / local)."""
+    """The Flower strategy for the configured method, with robust aggregation and DP where asked."""
     fed = config.federation
     name = PLUMBING_STRATEGY.get(fed.method, fed.method)
     sampled = 1 if fed.method == "centralized" else clients_per_round(config)
-    common = dict(
+    common: dict = dict(
         fraction_train=sampled / num_nodes,
         min_train_nodes=sampled,
         min_available_nodes=num_nodes,
@@ -45,13 +65,60 @@ def build_strategy(config: Config, num_nodes: int):
         min_evaluate_nodes=num_nodes,
     )
     options: dict = {}
+    robust = fed.defense.robust
     if name == "fgrpo":
         options = fed.fgrpo.model_dump()
     elif name == "fedprox":
         options = {"proximal_mu": fed.proximal_mu}
     elif name in ("fedadam", "fedyogi", "fedadagrad"):
         options = fed.server_opt.model_dump()
-    return make_strategy(name, **common, **options)
+    if robust != "none":
+        if name in ("fgrpo", "reward_weighted"):
+            options.update(aggregator=robust, trim_fraction=fed.defense.trim_fraction)
+        elif name == "fedavg":
+            name = ROBUST_FEDAVG[robust]
+            if robust == "trimmed_mean":
+                options["beta"] = fed.defense.trim_fraction
+        else:
+            raise ConfigError(
+                f"federation.defense.robust = '{robust}' works with methods fgrpo, reward_weighted and fedavg, "
+                f"not '{fed.method}'"
+            )
+    if fed.dp.enabled:
+        if fed.method not in DP_METHODS or robust != "none":
+            raise ConfigError(
+                f"federation.dp: method '{fed.method}'{' with robust aggregation' if robust != 'none' else ''} is not "
+                f"supported. Flower's accountant covers the uniform average of {', '.join(DP_METHODS)} only; "
+                "FGRPO's data-dependent weights change every client's share when one client joins, so the noise "
+                "Flower adds would not bound its sensitivity"
+            )
+        common["weighted_by_key"] = UNIT_WEIGHT_KEY
+    strategy = make_strategy(name, **common, **options)
+    if fed.dp.enabled:
+        strategy = _with_dp(strategy, config, sampled, num_nodes)
+    return strategy
+
+
+def _with_dp(strategy, config: Config, sampled: int, num_nodes: int):
+    """Flower's central-DP wrapper (clients clip, the server adds noise σ·C/m) with its RDP accountant."""
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    dp = config.federation.dp
+    if dp.noise_multiplier <= 0:
+        raise ConfigError("federation.dp.noise_multiplier must be > 0 when DP is enabled (σ = 0 gives no privacy)")
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=dp.delta,
+            population_size=num_nodes,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy, dp.noise_multiplier, dp.clip_norm, sampled, accountant=accountant
+    )
 
 
 def local_steps_per_round(config: Config) -> int:
@@ -67,16 +134,97 @@ def _record_bytes(message: Message) -> int:
     return sum(arrays_nbytes({k: v.numpy() for k, v in record.items()}) for record in content.array_records.values())
 
 
+class Failure(NamedTuple):
+    """A sampled client left out of a round's aggregation, and why."""
+
+    node_id: int
+    client_id: int | None
+    reason: str
+
+
+def _reply_arrays(reply: Message) -> dict[str, np.ndarray]:
+    record = next(iter(reply.content.array_records.values()))
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def screen_replies(
+    messages: list[Message], replies: list[Message], current: dict[str, np.ndarray], node_clients: dict[int, int]
+) -> tuple[list[Message], list[Failure]]:
+    """Split a round's replies into usable ones and failures (no reply, error, broken metrics or arrays)."""
+    ok: list[Message] = []
+    failures: list[Failure] = []
+    answered = {r.metadata.reply_to_message_id for r in replies}
+    for message in messages:
+        if message.metadata.message_id not in answered:
+            node = message.metadata.dst_node_id
+            failures.append(Failure(node, node_clients.get(node), "no reply within federation.round_timeout_s"))
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failures.append(Failure(node, node_clients.get(node), f"client error: {reply.error.reason}"[:400]))
+            continue
+        content = reply.content
+        metrics = next(iter(content.metric_records.values()), None) if content.metric_records else None
+        if len(content.array_records) != 1 or metrics is None:
+            failures.append(Failure(node, node_clients.get(node), "reply must carry one ArrayRecord and one MetricRecord"))
+            continue
+        client_id = metrics.get("client-id")
+        if isinstance(client_id, int) and not isinstance(client_id, bool):
+            node_clients[node] = client_id
+        bad_metrics = [
+            key
+            for key in ("reward-mean", "reward-std", "num-examples")
+            if not isinstance(metrics.get(key), (int, float)) or not np.isfinite(metrics[key])
+        ]
+        if not isinstance(client_id, int) or bad_metrics:
+            reason = f"missing or non-finite metrics {bad_metrics or ['client-id']}"
+            failures.append(Failure(node, node_clients.get(node), reason))
+            continue
+        problem = screen_update(current, _reply_arrays(reply))
+        if problem is not None:
+            failures.append(Failure(node, client_id, problem))
+            continue
+        ok.append(reply)
+    return ok, failures
+
+
+def clip_replies(
+    ok: list[Message], current: dict[str, np.ndarray], multiple: float | None, mode: str
+) -> tuple[list[Message], dict[int, tuple[float, float]], list[Failure]]:
+    """Bound every update's norm by `multiple` × the round's median (scale it, or reject it).
+
+    Returns (kept replies, client-id -> (norm, factor), rejections). Scaled
+    replies are rewritten in place, so every strategy aggregates the bounded update.
+    """
+    norms = [update_norm(current, _reply_arrays(r)) for r in ok]
+    ids = [int(r.content["metrics"]["client-id"]) for r in ok]
+    factors = norm_clip_factors(norms, multiple) if multiple is not None else np.ones(len(ok))
+    kept, rejected = [], []
+    from .app import arrays_to_record
+
+    for reply, norm, factor, cid in zip(ok, norms, factors, ids):
+        if factor < 1.0 and mode == "reject":
+            rejected.append(Failure(reply.metadata.src_node_id, cid, f"update norm {norm:.3g} > {multiple}× the round's median"))
+            continue
+        if factor < 1.0:
+            key = next(iter(reply.content.array_records))
+            reply.content[key] = arrays_to_record(scale_update(current, _reply_arrays(reply), float(factor)))
+        kept.append(reply)
+    return kept, {cid: (norm, float(f)) for cid, norm, f in zip(ids, norms, factors)}, rejected
+
+
 def _aggregation_weights(strategy, ok_replies: list[Message]) -> dict[int, tuple[float, float | None]]:
     """client-id -> (weight, gain): FGRPO/reward-weighted report theirs, FedAvg-family weigh by n_k."""
-    last = getattr(strategy, "last_aggregation", None)
+    inner = getattr(strategy, "strategy", strategy)  # a DP wrapper holds the real strategy
+    last = getattr(inner, "last_aggregation", None)
     if last is not None:
         gains = getattr(last, "gains", None)
         return {
             int(cid): (float(w), None if gains is None else float(gains[i]))
             for i, (cid, w) in enumerate(zip(last.client_ids, last.weights))
         }
-    sizes = np.array([float(r.content["metrics"]["num-examples"]) for r in ok_replies])
+    key = getattr(inner, "weighted_by_key", "num-examples")
+    sizes = np.array([float(r.content["metrics"].get(key, 1.0)) for r in ok_replies])
     weights = sizes / sizes.sum() if sizes.sum() > 0 else np.full(len(sizes), 1 / max(1, len(sizes)))
     return {int(r.content["metrics"]["client-id"]): (float(w), None) for r, w in zip(ok_replies, weights)}
 
@@ -104,7 +252,31 @@ def _global_accuracy(eval_replies: list[Message]) -> dict[str, float]:
     return result
 
 
-def run_federation(grid: Grid, config: Config, run_dir: Path, *, progress: bool = True, overwrite: bool = False) -> dict:
+def _privacy_spent(strategy) -> dict[str, float]:
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    if spent is None:
+        return {}
+    return {"dp/epsilon": float(spent.epsilon), "dp/delta": float(spent.delta), "dp/releases": int(spent.num_releases)}
+
+
+def _resume_state(run_dir: Path, config: Config) -> ServerState:
+    state = load_checkpoint(run_dir)
+    differences = config_differences(state.config_text, dump_config(config), RESUMABLE_CHANGES)
+    if differences:
+        raise ConfigError(
+            f"cannot resume '{run_dir}': the config differs from the checkpointed run in {', '.join(differences[:8])}"
+            f" (only {', '.join(RESUMABLE_CHANGES)} may change); use the run's own config.toml"
+        )
+    if state.server_round >= config.federation.rounds:
+        raise ConfigError(
+            f"'{run_dir}' already finished its {state.server_round} rounds; raise federation.rounds to continue it"
+        )
+    return state
+
+
+def run_federation(
+    grid: Grid, config: Config, run_dir: Path, *, progress: bool = True, overwrite: bool = False, resume: bool = False
+) -> dict:
     """Run `config.federation.rounds` rounds on `grid`; write RUN_DIR; return the summary."""
     from .app import _shared_learner, arrays_to_record, record_to_arrays
     from .model import get_trainable_arrays
@@ -112,50 +284,97 @@ def run_federation(grid: Grid, config: Config, run_dir: Path, *, progress: bool 
     fed = config.federation
     method = fed.method
     seed = config.training.seed
-    run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
+    state = _resume_state(Path(run_dir), config) if resume else None
+    run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
     write_config(run_dir, config)
-    random.seed(seed)  # Flower strategies sample nodes with the `random` module
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
     learner = _shared_learner(dump_config(config))
-    arrays = arrays_to_record(get_trainable_arrays(learner.model))
+    node_clients: dict[int, int] = {}
+    if state is None:
+        random.seed(seed)  # Flower strategies sample nodes with the `random` module
+        np.random.seed(seed)  # Flower's DP noise uses NumPy's global RNG
+        arrays = arrays_to_record(get_trainable_arrays(learner.model))
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        first_round, elapsed = 1, 0.0
+    else:
+        arrays = arrays_to_record(state.arrays)
+        load_strategy_state(strategy, state.strategy)
+        restore_rng(state.python_rng, state.numpy_rng)
+        if state.grid_state is not None and hasattr(grid, "load_state_dict"):
+            grid.load_state_dict(state.grid_state)
+        node_clients = dict(state.extra.get("node_clients", {}))
+        with open(run_dir / "metrics.jsonl", "r+b") as handle:  # drop records of the round the crash cut short
+            handle.truncate(state.metrics_offset)
+        first_round, elapsed = state.server_round + 1, state.elapsed_s
     if hasattr(strategy, "set_initial_arrays"):
         strategy.set_initial_arrays(arrays)
 
     train_config = {"local-steps": local_steps_per_round(config), "local-only": method == "local"}
-    started = time.perf_counter()
-    final_accuracy = float("nan")
+    started = time.perf_counter() - elapsed
     from .train import _progress
 
+    def checkpoint(server_round: int, initial: dict, final_accuracy: float) -> None:
+        python_rng, numpy_rng = capture_rng()
+        save_checkpoint(
+            run_dir,
+            ServerState(
+                server_round=server_round,
+                arrays=record_to_arrays(arrays),
+                strategy=strategy_state(strategy),
+                python_rng=python_rng,
+                numpy_rng=numpy_rng,
+                metrics_offset=(run_dir / "metrics.jsonl").stat().st_size,
+                config_text=dump_config(config),
+                initial=initial,
+                final_accuracy=final_accuracy,
+                elapsed_s=time.perf_counter() - started,
+                grid_state=grid.state_dict() if hasattr(grid, "state_dict") else None,
+                extra={"node_clients": dict(node_clients)},
+            ),
+        )
+
     with MetricsWriter(run_dir, method, seed) as writer, _progress(progress) as bar:
-        task = bar.add_task(f"{method} seed {seed}", total=fed.rounds, info="")
+        task = bar.add_task(f"{method} seed {seed}", total=fed.rounds, completed=first_round - 1, info="")
 
         def evaluate_round(server_round: int) -> dict[str, float]:
             messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid)
-            replies = [r for r in grid.send_and_receive(messages, timeout=fed.round_timeout_s) if not r.has_error()]
+            replies = [
+                r for r in grid.send_and_receive(messages, timeout=fed.round_timeout_s) if not r.has_error()
+            ]
             for reply in replies:
                 m = reply.content["metrics"]
                 if "acc-heldout" in m:
                     writer.write("client", round=server_round, client=int(m["client-id"]), **{"client/acc_heldout": float(m["acc-heldout"])})
             return _global_accuracy(replies)
 
-        initial = evaluate_round(0)
-        writer.write("round", round=0, **initial)
-        bar.update(task, info=f"acc {initial['global/acc_heldout']:.1%}")
-        for server_round in range(1, fed.rounds + 1):
+        if state is None:
+            initial = evaluate_round(0)
+            writer.write("round", round=0, **initial)
+            final_accuracy = initial["global/acc_heldout"]
+            checkpoint(0, initial, final_accuracy)
+        else:
+            initial, final_accuracy = state.initial, state.final_accuracy
+        bar.update(task, info=f"acc {final_accuracy:.1%}")
+        for server_round in range(first_round, fed.rounds + 1):
             round_start = time.perf_counter()
+            current = record_to_arrays(arrays)
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
             bytes_down = sum(_record_bytes(m) for m in messages)
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-            ok = [r for r in replies if not r.has_error()]
-            failed = [r for r in replies if r.has_error()]
+            ok, failures = screen_replies(messages, replies, current, node_clients)
+            ok, norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
+            failures += rejected
+            for failure in failures:
+                writer.write("failure", round=server_round, node=failure.node_id, client=failure.client_id, reason=failure.reason)
             if len(ok) < min(fed.min_train_clients, len(messages)):
-                reasons = "; ".join(str(r.error.reason) for r in failed)[:500]
+                reasons = "; ".join(f"node {f.node_id}: {f.reason}" for f in failures)[:600]
                 raise FederationError(
                     f"round {server_round}: only {len(ok)} of {len(messages)} clients succeeded "
-                    f"(min_train_clients = {fed.min_train_clients}): {reasons}"
+                    f"(min_train_clients = {fed.min_train_clients}); {reasons}. "
+                    f"The last checkpoint in '{run_dir}' is intact: fix the cause and continue with --resume"
                 )
-            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            new_arrays, _ = strategy.aggregate_train(server_round, ok)
             if new_arrays is not None and method != "local":
                 arrays = new_arrays
             weights = _aggregation_weights(strategy, ok)
@@ -169,7 +388,10 @@ def run_federation(grid: Grid, config: Config, run_dir: Path, *, progress: bool 
                     "client/accuracy": float(m["accuracy"]),
                     "client/num_examples": int(m["num-examples"]),
                     "client/train_s": float(m["train-time"]),
+                    "client/update_norm": norms[cid][0],
                 }
+                if norms[cid][1] < 1.0:
+                    record["defense/clip_factor"] = norms[cid][1]
                 if method != "local":
                     record["agg/weight"] = weight
                 if gain is not None:
@@ -181,14 +403,18 @@ def run_federation(grid: Grid, config: Config, run_dir: Path, *, progress: bool 
                 "round",
                 round=server_round,
                 **evaluation,
+                **_privacy_spent(strategy),
                 **{
                     "comm/bytes_down": bytes_down,
-                    "comm/bytes_up": sum(_record_bytes(r) for r in ok),
+                    "comm/bytes_up": sum(_record_bytes(r) for r in replies if not r.has_error()),
                     "time/round_s": time.perf_counter() - round_start,
                     "clients/sampled": len(messages),
-                    "clients/failed": len(failed),
+                    "clients/failed": len(failures),
+                    "clients/aggregated": len(ok) if new_arrays is not None else 0,
                 },
             )
+            if server_round % fed.checkpoint_every == 0 or server_round == fed.rounds:
+                checkpoint(server_round, initial, final_accuracy)
             bar.update(task, advance=1, info=f"acc {final_accuracy:.1%}")
     wall = time.perf_counter() - started
     if config.output.save_adapter:
@@ -203,6 +429,7 @@ def run_federation(grid: Grid, config: Config, run_dir: Path, *, progress: bool 
         "initial/acc_heldout": initial["global/acc_heldout"],
         "final/acc_heldout": final_accuracy,
         "wall_s": wall,
+        **_privacy_spent(strategy),
     }
     write_summary(run_dir, summary)
     return summary

@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import (
 )
 
 from .errors import ConfigError, FederationError
+from .defense import ROBUST_AGGREGATORS, robust_update
 
 GAINS = ("relative", "zscore")
 # ±inf gains are replaced by ±MAX_GAIN: still "huge" next to any real gain, but finite.
@@ -305,11 +306,17 @@ class _WeightedAverage(FedAvg):
     client_id_key = "client-id"
     reward_key = "reward-mean"
 
-    def __init__(self, *, server_lr: float = 1.0, **fedavg_kwargs: Any) -> None:
+    def __init__(
+        self, *, server_lr: float = 1.0, aggregator: str = "none", trim_fraction: float = 0.2, **fedavg_kwargs: Any
+    ) -> None:
         super().__init__(**fedavg_kwargs)
         if not (math.isfinite(server_lr) and server_lr >= 0):
             raise ConfigError(f"{type(self).__name__}: server_lr must be finite and >= 0, got {server_lr}")
+        if aggregator not in ROBUST_AGGREGATORS:
+            raise ConfigError(f"{type(self).__name__}: aggregator must be one of {', '.join(ROBUST_AGGREGATORS)}, got {aggregator!r}")
         self.server_lr = float(server_lr)
+        self.aggregator = aggregator
+        self.trim_fraction = float(trim_fraction)
         self.current_arrays: dict[str, np.ndarray] | None = None
         self.last_aggregation: AggregationRecord | None = None
 
@@ -364,7 +371,18 @@ class _WeightedAverage(FedAvg):
             raise FederationError(f"round {server_round}: two nodes reported the same client-id ({ids})")
 
         gains, weights = self._weigh(server_round, parsed)
-        new_arrays = weighted_update(self.current_arrays, [r.arrays for r in parsed], weights, self.server_lr)
+        client_arrays = [r.arrays for r in parsed]
+        if self.aggregator == "none":
+            new_arrays = weighted_update(self.current_arrays, client_arrays, weights, self.server_lr)
+        else:
+            new_arrays = robust_update(
+                self.current_arrays,
+                client_arrays,
+                weights,
+                aggregator=self.aggregator,
+                trim_fraction=self.trim_fraction,
+                server_lr=self.server_lr,
+            )
         self._after_round(server_round, parsed)
 
         metrics = self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
@@ -509,8 +527,9 @@ class RewardWeighted(_WeightedAverage):
     report R_k itself, the signal its weights come from.
     """
 
-    def __init__(self, **fedavg_kwargs: Any) -> None:
-        super().__init__(server_lr=1.0, **fedavg_kwargs)
+    def __init__(self, **options: Any) -> None:
+        options.pop("server_lr", None)
+        super().__init__(server_lr=1.0, **options)
 
     def _weigh(self, server_round: int, replies: list[_Reply]) -> tuple[np.ndarray, np.ndarray]:
         rewards = np.array([r.reward_mean for r in replies])
