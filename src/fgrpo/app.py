@@ -96,15 +96,28 @@ def node_data(context: Context) -> ClientData:
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower's `fixedclipping_mod` on train messages when the server asks for DP clipping, a pass-through otherwise."""
-    from flwr.clientapp.mod import fixedclipping_mod
+    """Client-side DP clipping: ‖θ_k − θ_t‖ ≤ C when the server's DP wrapper sends a clipping norm C.
+
+    The same contract as Flower's `fixedclipping_mod` (which it replaces only
+    because flwr 1.42's version divides by zero on an all-zero update, which a
+    GRPO round with no reward variance produces).
+    """
     from flwr.app import MessageType
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+    from .defense import scale_update, update_norm
+
+    reply = call_next(msg, context)
     config = msg.content.config_records.get("config") if msg.has_content() else None
-    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or config is None or KEY_CLIPPING_NORM not in config:
+        return reply
+    if reply.has_error():
+        return reply
+    start, sent = record_to_arrays(msg.content["arrays"]), record_to_arrays(reply.content["arrays"])
+    norm, clip = update_norm(start, sent), float(config[KEY_CLIPPING_NORM])
+    if norm > clip:
+        reply.content["arrays"] = arrays_to_record(scale_update(start, sent, clip / norm))
+    return reply
 
 
 def simulate_attack(

@@ -180,6 +180,9 @@ def screen_replies(
             reason = f"missing or non-finite metrics {bad_metrics or ['client-id']}"
             failures.append(Failure(node, node_clients.get(node), reason))
             continue
+        if metrics["num-examples"] <= 0:
+            failures.append(Failure(node, client_id, f"reported num-examples = {metrics['num-examples']} (nothing trained)"))
+            continue
         problem = screen_update(current, _reply_arrays(reply))
         if problem is not None:
             failures.append(Failure(node, client_id, problem))

@@ -385,7 +385,10 @@ class _WeightedAverage(FedAvg):
             )
         self._after_round(server_round, parsed)
 
-        metrics = self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
+        try:
+            metrics = self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
+        except ZeroDivisionError:  # every client reported 0 examples: Flower's weighted mean is undefined
+            metrics = MetricRecord()
         if self.client_id_key in metrics:
             del metrics[self.client_id_key]  # an average of ids means nothing
         metrics["agg-client-ids"] = ids

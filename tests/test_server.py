@@ -1,0 +1,253 @@
+"""The federation loop under faulty and malicious clients, with defences and DP."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fgrpo.app import CONFIG_KEY, client_evaluate, client_train, dp_clipping_mod
+from fgrpo.config import config_from_dict, dump_config
+from fgrpo.errors import ConfigError, FederationError
+from fgrpo.inprocess import InProcessGrid
+from fgrpo.runtime import node_configs, run_simulation
+from fgrpo.server import build_strategy, clip_replies, run_federation, screen_replies
+from fgrpo.strategies import FGRPO
+
+
+def records(run_dir, kind):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def faulty_app(faults: dict[int, str]) -> ClientApp:
+    """The real ClientApp, except that partition p misbehaves as faults[p] says."""
+    app = ClientApp(mods=[dp_clipping_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        fault = faults.get(int(context.node_config["partition-id"]))
+        if fault == "raise":
+            raise RuntimeError("disk on fire")
+        if fault == "slow":
+            time.sleep(1.5)
+        reply = client_train(msg, context)
+        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        if fault == "nan":
+            first = next(iter(arrays))
+            arrays[first] = np.full_like(arrays[first], np.nan)
+        elif fault == "shape":
+            first = next(iter(arrays))
+            arrays[first] = np.zeros((3, 3), dtype=np.float32)
+        elif fault == "nan-metric":
+            reply.content["metrics"]["reward-mean"] = float("nan")
+        reply.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        return reply
+
+    app.evaluate()(client_evaluate)
+    return app
+
+
+def run_with(app: ClientApp, config, run_dir, **kwargs):
+    grid = InProcessGrid(app, node_configs(config), run_config={CONFIG_KEY: dump_config(config)})
+    return run_federation(grid, config, run_dir, progress=False, **kwargs)
+
+
+def test_faulty_clients_are_excluded_with_their_reason(tmp_path):
+    from conftest import small_config_dict
+
+    data = small_config_dict(tmp_path)
+    data["tasks"]["families"] = data["tasks"]["families"] * 1  # 2 families over 5 clients: by_family reuses them
+    config = config_from_dict(
+        {
+            **data,
+            "tasks": {**data["tasks"], "train_per_family": 50},
+            "federation": {
+                "num_clients": 5,
+                "rounds": 1,
+                "local_steps": 1,
+                "min_train_clients": 1,
+                "round_timeout_s": 1.0,
+                "partition": {"scheme": "iid"},
+            },
+        }
+    )
+    app = faulty_app({1: "raise", 2: "nan", 3: "shape", 4: "slow"})
+    run_with(app, config, tmp_path / "run")
+    failures = {r["node"]: r for r in records(tmp_path / "run", "failure")}
+    reasons = sorted(r["reason"] for r in failures.values())
+    assert len(reasons) == 4
+    assert any("disk on fire" in r for r in reasons)
+    assert any("non-finite values" in r for r in reasons)
+    assert any("wrong shape" in r for r in reasons)
+    assert any("no reply within" in r for r in reasons)
+    (round1,) = [r for r in records(tmp_path / "run", "round") if r["round"] == 1]
+    assert round1["clients/failed"] == 4 and round1["clients/aggregated"] == 1
+    weights = [r["agg/weight"] for r in records(tmp_path / "run", "client") if "agg/weight" in r]
+    assert weights == [1.0]  # the one healthy client carries the round
+
+
+def test_too_few_healthy_clients_fail_clearly_and_keep_the_checkpoint(tmp_path):
+    from conftest import small_config_dict
+
+    data = small_config_dict(tmp_path)
+    config = config_from_dict({**data, "federation": {**data["federation"], "rounds": 2, "min_train_clients": 2}})
+    run_dir = tmp_path / "run"
+    with pytest.raises(FederationError, match=r"only 1 of 2 clients succeeded.*metrics 'reward-mean'|missing or non-finite") as info:
+        run_with(faulty_app({1: "nan-metric"}), config, run_dir)
+    assert "--resume" in str(info.value)
+    from fgrpo.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run_dir).server_round == 0  # the initial state survived, ready for --resume
+
+
+def attacked_config(tmp_path, name, defended: bool):
+    from conftest import small_config_dict
+
+    data = small_config_dict(tmp_path / name)
+    # partial credit and 4 prompts per step: every client's update is non-zero
+    data["tasks"]["rewards"] = [{"name": "exact_match"}, {"name": "partial_credit"}]
+    data["training"]["prompts_per_step"] = 4
+    fed = {
+        **data["federation"],
+        "num_clients": 3,
+        "rounds": 2,
+        "min_train_clients": 3,
+        "partition": {"scheme": "iid"},
+        "attack": {"clients": [0], "reward_growth": 10.0, "update_scale": 50.0},
+    }
+    if defended:
+        fed.update(defense={"norm_clip": 3.0, "robust": "median"}, fgrpo={"w_max": 0.45})
+    return config_from_dict({**data, "federation": fed})
+
+
+def test_attacker_wins_weight_without_defences_and_is_bounded_with_them(tmp_path):
+    run_simulation(attacked_config(tmp_path, "open", defended=False), progress=False)
+    run_simulation(attacked_config(tmp_path, "guarded", defended=True), progress=False)
+    open_clients = records(tmp_path / "open" / "run", "client")
+    guarded = records(tmp_path / "guarded" / "run", "client")
+
+    def round2(recs):
+        return {r["client"]: r for r in recs if r["round"] == 2 and "agg/weight" in r}
+
+    # The fake, ever-growing reward wins the liar (client 0) the largest FGRPO weight...
+    open2 = round2(open_clients)
+    assert open2[0]["agg/weight"] == max(r["agg/weight"] for r in open2.values()) > 0.9
+    assert open2[0]["client/update_norm"] > 20 * np.median([r["client/update_norm"] for r in open2.values()])
+    # ...with defences its weight is capped and its update scaled to 3× the round's median norm.
+    guarded2 = round2(guarded)
+    assert guarded2[0]["agg/weight"] <= 0.45 + 1e-9
+    assert guarded2[0]["defense/clip_factor"] < 0.2
+    assert all("defense/clip_factor" not in r for cid, r in guarded2.items() if cid != 0)
+
+
+def test_dp_clips_adds_noise_and_reports_epsilon(tmp_path):
+    from conftest import small_config_dict
+
+    def dp_run(name, sigma):
+        data = small_config_dict(tmp_path / name)
+        fed = {**data["federation"], "method": "fedavg", "dp": {"enabled": True, "clip_norm": 0.05, "noise_multiplier": sigma}}
+        return run_simulation(config_from_dict({**data, "federation": fed}), progress=False)
+
+    low, high = dp_run("low", 0.8), dp_run("high", 2.0)
+    assert 0 < high["dp/epsilon"] < low["dp/epsilon"] < math.inf
+    assert low["dp/releases"] == 2 and low["dp/delta"] == 1e-5
+    norms = [r["client/update_norm"] for r in records(tmp_path / "low" / "run", "client") if "client/update_norm" in r]
+    assert norms and max(norms) <= 0.05 + 1e-6  # clients clipped their updates to C before sending
+    rounds = [r for r in records(tmp_path / "low" / "run", "round") if r["round"] > 0]
+    assert [r["dp/releases"] for r in rounds] == [1, 2]
+
+
+def test_dp_refuses_methods_it_cannot_account_for(tmp_path):
+    from conftest import small_config_dict
+
+    data = small_config_dict(tmp_path)
+    for method in ("fgrpo", "reward_weighted", "fedadam"):
+        fed = {**data["federation"], "method": method, "dp": {"enabled": True}}
+        with pytest.raises(ConfigError, match="not supported"):
+            build_strategy(config_from_dict({**data, "federation": fed}), 2)
+    fed = {**data["federation"], "method": "fedadam", "defense": {"robust": "median"}}
+    with pytest.raises(ConfigError, match="works with methods fgrpo, reward_weighted and fedavg"):
+        build_strategy(config_from_dict({**data, "federation": fed}), 2)
+
+
+def test_robust_fedavg_uses_flowers_fedmedian_and_fedtrimmedavg(tmp_path):
+    from conftest import small_config_dict
+
+    data = small_config_dict(tmp_path)
+    for robust, cls in (("median", "FedMedian"), ("trimmed_mean", "FedTrimmedAvg")):
+        fed = {**data["federation"], "method": "fedavg", "defense": {"robust": robust}}
+        assert type(build_strategy(config_from_dict({**data, "federation": fed}), 2)).__name__ == cls
+
+
+# ------------------------------------------------------------------ property test on random client reports
+
+THETA = {"lora_A": np.zeros((2, 3), dtype=np.float32), "lora_B": np.zeros(3, dtype=np.float32)}
+wild = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-1e30, 1e30))
+
+
+@st.composite
+def client_reports(draw):
+    k = draw(st.integers(1, 6))
+    reports = []
+    for cid in range(k):
+        scale = draw(st.sampled_from([0.0, 1e-3, 1.0, 1e6, 1e30, math.nan, math.inf]))
+        values = np.array(draw(st.lists(st.floats(-1, 1), min_size=9, max_size=9)))
+        with np.errstate(all="ignore"):
+            flat = (values * scale).astype(np.float32)
+        arrays = {"lora_A": flat[:6].reshape(2, 3), "lora_B": flat[6:]}
+        metrics = {
+            "client-id": cid,
+            "reward-mean": draw(wild),
+            "reward-std": draw(st.floats(0, 10)),
+            "num-examples": draw(st.integers(0, 1000)),
+        }
+        reports.append((arrays, metrics))
+    return reports
+
+
+def as_messages(reports):
+    """Server-side train messages and the clients' replies to them."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
+    messages, replies = [], []
+    for node, (arrays, metrics) in enumerate(reports, start=1):
+        msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node, message_type="train")
+        msg.metadata.__dict__["_message_id"] = f"m{node}"
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+                "metrics": MetricRecord(metrics),
+            }
+        )
+        reply = Message(content, reply_to=msg)
+        messages.append(msg)
+        replies.append(reply)
+    return messages, replies
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(client_reports(), st.sampled_from([None, 3.0]), st.sampled_from(["none", "median", "trimmed_mean"]))
+def test_random_reports_give_finite_weights_summing_to_one_and_a_finite_model(reports, norm_clip, robust):
+    messages, replies = as_messages(reports)
+    ok, failures = screen_replies(messages, replies, THETA, {})
+    assert len(ok) + len(failures) == len(reports)
+    ok, _, _ = clip_replies(ok, THETA, norm_clip, "scale")
+    strategy = FGRPO(w_max=0.45, aggregator=robust)
+    strategy.current_arrays = {k: v.copy() for k, v in THETA.items()}
+    for server_round in (1, 2):  # the second round has baselines, so gains are live
+        if not ok:
+            return
+        new, _ = strategy.aggregate_train(server_round, ok)
+        weights = np.array(strategy.last_aggregation.weights)
+        assert np.all(np.isfinite(weights)) and np.all(weights >= 0)
+        assert weights.sum() == pytest.approx(1.0)
+        assert all(np.all(np.isfinite(a.numpy())) for a in new.values())
