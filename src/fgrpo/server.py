@@ -270,7 +270,7 @@ def _resume_state(run_dir: Path, config: Config) -> ServerState:
             f"cannot resume '{run_dir}': the config differs from the checkpointed run in {', '.join(differences[:8])}"
             f" (only {', '.join(RESUMABLE_CHANGES)} may change); use the run's own config.toml"
         )
-    if state.server_round >= config.federation.rounds:
+    if state.server_round >= config.federation.rounds and (Path(run_dir) / "summary.json").exists():
         raise ConfigError(
             f"'{run_dir}' already finished its {state.server_round} rounds; raise federation.rounds to continue it"
         )

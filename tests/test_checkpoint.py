@@ -1,0 +1,167 @@
+"""Checkpoints: atomic writes, clear errors, and kill -9 at a random point → resume → the same run."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fgrpo.checkpoint import (
+    CHECKPOINT_NAME,
+    ServerState,
+    config_differences,
+    load_checkpoint,
+    load_strategy_state,
+    save_checkpoint,
+    strategy_state,
+)
+from fgrpo.config import config_from_dict, dump_config
+from fgrpo.errors import ConfigError, FederationError
+
+
+def state(server_round: int) -> ServerState:
+    import numpy as np
+
+    return ServerState(
+        server_round=server_round,
+        arrays={"w": np.arange(3.0)},
+        strategy={"class": "FedAvg"},
+        python_rng=random.getstate(),
+        numpy_rng=np.random.get_state(),
+        metrics_offset=0,
+        config_text="",
+        initial={"global/acc_heldout": 0.5},
+        final_accuracy=0.5,
+        elapsed_s=1.0,
+    )
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, state(1))
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(FederationError, match="disk is full.*previous checkpoint"):
+        save_checkpoint(tmp_path, state(2))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path).server_round == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temp file left behind
+
+
+def test_missing_or_damaged_checkpoints_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"has no {CHECKPOINT_NAME}"):
+        load_checkpoint(tmp_path)
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"\x80\x05garbage")
+    with pytest.raises(ConfigError, match="is damaged"):
+        load_checkpoint(tmp_path)
+
+
+def test_config_differences_list_dotted_keys():
+    a = 'x = 1\n[grpo]\nbeta = 0.0\n[federation]\nrounds = 2\n'
+    b = 'x = 1\n[grpo]\nbeta = 0.1\n[federation]\nrounds = 5\n'
+    assert config_differences(a, b, ignore=("federation.rounds",)) == ["grpo.beta"]
+
+
+def test_fedadam_moments_and_fgrpo_baselines_survive_a_round_trip():
+    import numpy as np
+
+    from fgrpo.strategies import FGRPO, make_strategy
+
+    adam = make_strategy("fedadam")
+    adam.m_t, adam.v_t = {"w": np.ones(2)}, {"w": np.full(2, 0.5)}
+    fresh = make_strategy("fedadam")
+    load_strategy_state(fresh, strategy_state(adam))
+    assert fresh.m_t["w"].tolist() == [1, 1] and fresh.v_t["w"].tolist() == [0.5, 0.5]
+    fgrpo = FGRPO()
+    fgrpo._after_round(1, [type("R", (), {"client_id": 3, "reward_mean": 2.0})()])
+    restored = FGRPO()
+    load_strategy_state(restored, strategy_state(fgrpo))
+    assert restored.clients[3].baseline == 2.0
+    with pytest.raises(ConfigError, match="written by strategy FedAdam"):
+        load_strategy_state(FGRPO(), strategy_state(adam))
+
+
+# ------------------------------------------------------------------ kill -9 and resume
+
+
+def write_config(tmp_path: Path) -> Path:
+    from conftest import small_config_dict
+
+    import tomli_w
+
+    data = small_config_dict(tmp_path)
+    data["tasks"]["rewards"] = [{"name": "exact_match"}, {"name": "partial_credit"}]
+    data["training"]["prompts_per_step"] = 4
+    data["federation"].update(rounds=4, local_steps=2)
+    path = tmp_path / "run.toml"
+    path.write_text(dump_config(config_from_dict(data)))
+    return path
+
+
+def fgrpo_run(*args: str) -> subprocess.Popen:
+    code = "import sys; from fgrpo.cli import main; sys.argv = ['fgrpo', *sys.argv[1:]]; main()"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen([sys.executable, "-c", code, "run", *args, "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def comparable(run_dir: Path) -> tuple[list[dict], bytes]:
+    """metrics.jsonl without wall-clock timings, and the final adapter's bytes."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [{k: v for k, v in r.items() if not (k.startswith("time/") or k.endswith("train_s"))} for r in recs]
+    return recs, (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> None:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output
+
+
+def test_killed_at_a_random_point_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    config = write_config(tmp_path)
+    finish(fgrpo_run(str(config), "-o", str(tmp_path / "reference")))
+    reference = comparable(tmp_path / "reference")
+    repeats = int(os.environ.get("FGRPO_KILL_REPEATS", "2"))
+    rng = random.Random(20261127)
+    for repeat in range(repeats):
+        run_dir = tmp_path / f"killed{repeat}"
+        process = fgrpo_run(str(config), "-o", str(run_dir))
+        while not (run_dir / CHECKPOINT_NAME).exists() and process.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 4.0))  # somewhere inside the rounds: mid-training, mid-write, or done
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        killed_at = load_checkpoint(run_dir).server_round
+        if not (run_dir / "summary.json").exists():
+            finish(fgrpo_run(str(config), "--resume", str(run_dir)))
+        assert comparable(run_dir) == reference, f"repeat {repeat}: killed after round {killed_at}"
+
+
+def test_resume_refuses_a_changed_config_and_a_finished_run(tmp_path):
+    from fgrpo.runtime import run_simulation
+
+    from conftest import small_config_dict
+
+    data = small_config_dict(tmp_path)
+    run_simulation(config_from_dict(data), progress=False)
+    changed = {**data, "grpo": {**data["grpo"], "beta": 0.5}}
+    with pytest.raises(ConfigError, match="differs from the checkpointed run in grpo.beta"):
+        run_simulation(config_from_dict(changed), progress=False, resume=True)
+    with pytest.raises(ConfigError, match="already finished its 2 rounds"):
+        run_simulation(config_from_dict(data), progress=False, resume=True)
+    longer = {**data, "federation": {**data["federation"], "rounds": 3}}
+    summary = run_simulation(config_from_dict(longer), progress=False, resume=True)  # extend a finished run
+    assert summary["rounds"] == 3
+    rounds = [json.loads(x)["round"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "round"]
+    assert rounds == [0, 1, 2, 3]
