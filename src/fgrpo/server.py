@@ -369,7 +369,8 @@ def run_federation(
             ok, norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
             failures += rejected
             for failure in failures:
-                writer.write("failure", round=server_round, node=failure.node_id, client=failure.client_id, reason=failure.reason)
+                known = {} if failure.client_id is None else {"client": failure.client_id}
+                writer.write("failure", round=server_round, node=failure.node_id, reason=failure.reason, **known)
             if len(ok) < min(fed.min_train_clients, len(messages)):
                 reasons = "; ".join(f"node {f.node_id}: {f.reason}" for f in failures)[:600]
                 raise FederationError(
