@@ -91,6 +91,9 @@ def test_faulty_clients_are_excluded_with_their_reason(tmp_path):
     assert round1["clients/failed"] == 4 and round1["clients/aggregated"] == 1
     weights = [r["agg/weight"] for r in records(tmp_path / "run", "client") if "agg/weight" in r]
     assert weights == [1.0]  # the one healthy client carries the round
+    from fgrpo.report import write_report
+
+    assert write_report(tmp_path / "run").exists()  # failure records do not trip the report
 
 
 def test_too_few_healthy_clients_fail_clearly_and_keep_the_checkpoint(tmp_path):
