@@ -43,7 +43,7 @@ ARCHITECTURES = {
 
 
 def tiny_tokenizer(architecture: str):
-    from tokenizers import Tokenizer, decoders, models
+    from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     specials, bos, eos, pad, template = ARCHITECTURES[architecture]
@@ -52,6 +52,8 @@ def tiny_tokenizer(architecture: str):
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(list(specials) + ["<unk>"])
+    if architecture == "llama":  # like Llama-3's tokenizer: BOS added to every encoded text
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
     named = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": "<unk>"}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in named.items() if v})
     tokenizer.chat_template = template

@@ -258,3 +258,33 @@ def arrays_nbytes(arrays: dict[str, np.ndarray]) -> int:
 def model_nbytes(model) -> int:
     """Bytes of every parameter of the full model (base + adapter)."""
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto") -> Path:
+    """Fold a saved LoRA adapter into its base model and save a plain transformers checkpoint.
+
+    The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)` (and
+    serves in vLLM / TGI) with no peft at inference. `base` defaults to the
+    base model recorded in the adapter's adapter_config.json.
+    """
+    import json
+
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelError(f"'{adapter_dir}' has no adapter_config.json: is it the adapter/ folder of a run?")
+    if base is None:
+        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ModelError(f"{config_path} names no base model; pass the base model's folder or hub id")
+    model, tokenizer = load_model_and_tokenizer(base, dtype, "cpu")
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except Exception as exc:
+        raise ModelError(f"cannot apply the adapter in '{adapter_dir}' to '{base}': {exc}") from exc
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
