@@ -119,8 +119,10 @@ def test_length_penalty_is_dapo_soft_overlong_on_tokens_or_characters():
         -1.0,
     ]
     assert length_penalty_reward(None, ["abcd", "abcdefgh"], max_length=8, soft_cache=4) == [0.0, -1.0]
+    # a window wider than the budget ramps over the whole budget
+    assert length_penalty_reward(None, ["", "ab", "abcd"], max_length=4, soft_cache=128) == [0.0, -0.5, -1.0]
     with pytest.raises(ValueError, match="soft_cache"):
-        length_penalty_reward(None, ["x"], max_length=4, soft_cache=5)
+        length_penalty_reward(None, ["x"], max_length=4, soft_cache=-1)
 
 
 def test_length_penalty_gets_max_length_from_the_rollout_budget():

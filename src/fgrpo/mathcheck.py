@@ -87,13 +87,15 @@ def length_penalty_reward(
 
     Lengths are tokens when TRL-style `completion_ids` are passed (fgrpo and
     TRL both pass them), else characters. soft_cache defaults to a quarter of
-    max_length.
+    max_length and is capped at max_length (so a recipe's window still works
+    when max_completion_length is overridden to something small).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     cache = max_length // 4 if soft_cache is None else soft_cache
-    if not 0 <= cache <= max_length:
-        raise ValueError(f"soft_cache must be in 0..max_length ({max_length}), got {cache}")
+    if cache < 0:
+        raise ValueError(f"soft_cache must be >= 0, got {cache}")
+    cache = min(cache, max_length)
     lengths = (
         [len(ids) for ids in completion_ids]
         if completion_ids is not None
