@@ -151,6 +151,15 @@ class TasksConfig(Section):
     )
     seed: int = Field(1234, description="Seed of the task pool (fixed across training seeds so runs compare).")
 
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, value: list[SourceConfig]) -> list[SourceConfig]:
+        names = [source.name for source in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"source names must be distinct (they label examples); repeated: {', '.join(repeated)}")
+        return value
+
     @field_validator("rewards")
     @classmethod
     def _some_reward(cls, value: list[RewardConfig]) -> list[RewardConfig]:
