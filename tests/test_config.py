@@ -75,3 +75,16 @@ def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1]
     for path in [*root.glob("examples/*.toml"), *root.glob("src/fgrpo/scenarios/*.toml")]:
         load_config(path)
+
+
+def test_sources_section_checks_names_formats_and_suggests_keys(tmp_path):
+    text = '[[tasks.sources]]\nname = "a"\npath = "a.jsonl"\n[[tasks.sources]]\nname = "a"\npath = "b.jsonl"\n'
+    with pytest.raises(ConfigError, match="source names must be distinct.*repeated: a"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"tasks\.sources\.0\.format.*'gsm8k', 'math' or 'generic'"):
+        load_config(write(tmp_path, '[[tasks.sources]]\nname = "a"\npath = "a"\nformat = "csv"\n'))
+    with pytest.raises(ConfigError, match="did you mean 'family_column'"):
+        load_config(write(tmp_path, '[[tasks.sources]]\nname = "a"\npath = "a"\nfamily_col = "x"\n'))
+    config = load_config(write(tmp_path, '[model]\nsystem_prompt = "Be brief."\n[[tasks.rewards]]\nname = "length_penalty"\nkwargs = { soft_cache = 16 }\n'))
+    assert config.tasks.rewards[0].kwargs == {"soft_cache": 16} and config.model.lora.target_modules == "auto"
+    assert load_config(write(tmp_path, dump_config(config))) == config

@@ -75,8 +75,12 @@ def test_conversational_completions():
 
 def test_builtins_tolerate_trl_kwargs():
     extra = {"completion_ids": [[1, 2]], "trainer_state": object(), "reward_scale": [(0.0, 1.0)]}
-    for fn in REWARD_FUNCTIONS.values():
-        assert fn(prompts=["12+34="], completions=["46"], answer=["46"], family=["add"], **extra) == [1.0]
+    # The answer-checking built-ins score a right answer 1.0; the shaping ones
+    # (reasoning format, length) score its form, not its value: 0.0 here.
+    expected = {"think_answer_format": [0.0], "length_penalty": [0.0]}
+    for name, fn in REWARD_FUNCTIONS.items():
+        got = fn(prompts=["12+34="], completions=["46"], answer=["46"], family=["add"], **extra)
+        assert got == expected.get(name, [1.0]), name
 
 
 def test_missing_answer_column_names_the_function():

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from .client import ClientData, client_data, evaluate_arrays, local_round, pooled_data, round_seed
 from .config import Config
 from .learner import GRPOLearner
-from .pipeline import build_reward, load_policy
+from .pipeline import build_learner
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,8 +55,7 @@ def config_from_context(context: Context) -> Config:
 def _shared_learner(config_text: str) -> GRPOLearner:
     """One policy per process: in-process clients share it and swap adapters in and out."""
     config = _config_from_text(config_text)
-    model, tokenizer = load_policy(config.model, config.tasks, config.training.seed)
-    return GRPOLearner(model, tokenizer, config.grpo, build_reward(config.tasks))
+    return build_learner(config, config.training.seed)
 
 
 def shared_learner(context: Context) -> GRPOLearner:

@@ -1,4 +1,4 @@
-"""`fgrpo` command line: train, run, compare, report, quickstart."""
+"""`fgrpo` command line: train, run, compare, report, quickstart, merge."""
 
 from __future__ import annotations
 
@@ -161,6 +161,21 @@ def report(
 
     path = write_report(run_dir, target=target, out_dir=out_dir)
     console.print(f"report written to {path} (and {path.with_suffix('.html').name})")
+
+
+@app.command()
+@friendly_errors
+def merge(
+    adapter: Path = typer.Argument(..., help="A run's adapter/ folder (peft save_pretrained format)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the merged model."),
+    base: Optional[str] = typer.Option(None, help="Base model folder or hub id (default: from adapter_config.json)."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
+):
+    """Merge a trained LoRA adapter into its base model: a plain checkpoint for serving."""
+    from .model import merge_adapter
+
+    path = merge_adapter(adapter, out, base=base, dtype=dtype)
+    console.print(f"merged model written to {path}")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .errors import ConfigError
 from .evaluate import evaluate
 from .learner import GRPOLearner, ProximalTerm, seeded
 from .model import get_trainable_arrays, set_trainable_arrays, trainable_parameters
@@ -42,13 +43,36 @@ def client_data(config: Config, client_id: int, num_clients: int) -> ClientData:
     options = {"alpha": config.federation.partition.alpha}
     scheme = config.federation.partition.scheme
     seed = config.tasks.seed
-    train_parts = partition([ex.family for ex in train_pool], scheme, num_clients, seed, **options)
-    test_parts = partition([ex.family for ex in test_pool], scheme, num_clients, seed, **options)
+    by = config.tasks.partition_by
+    train_parts = partition(partition_labels(train_pool, by), scheme, num_clients, seed, **options)
+    test_parts = partition(partition_labels(test_pool, by), scheme, num_clients, seed, **options)
     return ClientData(
         client_id,
         [train_pool[i] for i in train_parts[client_id]],
         [test_pool[i] for i in test_parts[client_id]],
     )
+
+
+def partition_labels(examples: list[Example], by: str = "family") -> list[str]:
+    """The label each example is partitioned on: its family, or a column it carries ('source', 'subject', ...).
+
+    Built-in synthetic examples carry no columns; their 'source' is their family.
+    """
+    if by == "family":
+        return [ex.family for ex in examples]
+    labels = []
+    for ex in examples:
+        if by in ex.meta:
+            labels.append(str(ex.meta[by]))
+        elif by == "source":
+            labels.append(ex.family)
+        else:
+            columns = ", ".join(sorted(ex.meta)) or "none (a built-in family)"
+            raise ConfigError(
+                f"tasks.partition_by = '{by}', but an example of '{ex.meta.get('source', ex.family)}' has no column "
+                f"'{by}' (its columns: {columns}); use 'family', 'source' or a column every source has"
+            )
+    return labels
 
 
 def pooled_data(config: Config) -> ClientData:
@@ -111,4 +135,6 @@ def evaluate_arrays(
     """Greedy held-out accuracy of the given weights on `examples` (per family too)."""
     set_trainable_arrays(learner.model, arrays)
     with torch.inference_mode():
-        return evaluate(learner.model, learner.tokenizer, examples, max_completion_length, prefix="eval")
+        return evaluate(
+            learner.model, learner.tokenizer, examples, max_completion_length, prefix="eval", sample=learner.sample
+        )

@@ -36,8 +36,9 @@ class LoraConfig(Section):
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module names to adapt, or 'all-linear'.",
+        "auto",
+        description="Module names to adapt, 'all-linear', a preset (llama, qwen2, mistral, gpt2, phi, phi3), "
+        "or 'auto' (the preset of the model's architecture).",
     )
 
 
@@ -56,6 +57,22 @@ class ModelConfig(Section):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    chat_template: str = Field(
+        "auto",
+        description="'auto' (the tokenizer's chat template when it has one, else the raw prompt), "
+        "'none' (raw prompt), or a path to a Jinja template file.",
+    )
+    system_prompt: str | None = Field(None, description="System message put before every prompt (chat template only).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the frozen base in 4-bit (NF4) or 8-bit with bitsandbytes (CUDA; optional dependency)."
+    )
+    generation_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Rollouts with transformers' generate ('hf') or vLLM (optional dependency, CUDA)."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="Share of GPU memory vLLM may take (the policy trains in the rest)."
+    )
 
 
 class FamilyConfig(Section):
@@ -81,9 +98,35 @@ class FileConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for evaluation.")
 
 
+class SourceConfig(Section):
+    """A local dataset file (JSONL, JSON, Parquet or CSV) with its column mapping."""
+
+    name: str = Field(description="Name of this source; the task label of its examples unless family_column is set.")
+    path: str = Field(description="A local .jsonl / .json / .parquet / .csv file.")
+    format: Literal["auto", "gsm8k", "math", "generic"] = Field(
+        "auto",
+        description="gsm8k: question/answer ending '#### n'; math: problem/solution with \\boxed{}; "
+        "generic: prompt/answer; auto: detected from the columns.",
+    )
+    file_type: Literal["auto", "jsonl", "json", "parquet", "csv"] = Field("auto", description="'auto' = from the file extension.")
+    prompt_column: str | None = Field(None, description="Column holding the prompt (default: the format's).")
+    answer_column: str | None = Field(None, description="Column holding the answer or solution (default: the format's).")
+    family_column: str | None = Field(None, description="Column whose value becomes each example's task label (e.g. 'type').")
+    verifier: Literal["auto", "exact", "math"] = Field(
+        "auto", description="How accuracy is judged: normalized exact match, or math-verify (auto: math for 'math' format)."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for evaluation.")
+    reward_scale: tuple[float, float] = (0.0, 1.0)
+
+
 class RewardConfig(Section):
-    name: str = Field(description="'exact_match', 'partial_credit', 'format', or an import path 'module:function'.")
+    name: str = Field(
+        description="'exact_match', 'partial_credit', 'format', 'math_verify', 'think_answer_format', "
+        "'length_penalty', or an import path 'module:function'."
+    )
     weight: float = Field(1.0, description="Weight of this function in the summed score.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments bound to the function.")
 
 
 class TasksConfig(Section):
@@ -92,6 +135,14 @@ class TasksConfig(Section):
         description="Built-in synthetic task families in the pool.",
     )
     files: list[FileConfig] = Field(default_factory=list, description="JSONL datasets added to the pool.")
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Local datasets (GSM8K, MATH or generic; JSONL/JSON/Parquet/CSV) added to the pool."
+    )
+    partition_by: str = Field(
+        "family",
+        description="What the federation's partition scheme splits on: 'family' (task label), 'source', "
+        "or any column of the sources (e.g. 'subject', 'level').",
+    )
     train_per_family: int = Field(2000, ge=1, description="Training prompts generated per family.")
     test_per_family: int = Field(100, ge=1, description="Held-out prompts per family.")
     rewards: list[RewardConfig] = Field(
@@ -99,6 +150,15 @@ class TasksConfig(Section):
         description="Reward functions (TRL signature) summed with weights; the sum is mapped to each family's reward_scale.",
     )
     seed: int = Field(1234, description="Seed of the task pool (fixed across training seeds so runs compare).")
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, value: list[SourceConfig]) -> list[SourceConfig]:
+        names = [source.name for source in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"source names must be distinct (they label examples); repeated: {', '.join(repeated)}")
+        return value
 
     @field_validator("rewards")
     @classmethod

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from math import comb
 
 import numpy as np
 import torch
 
-from .rollout import generate
+from .rollout import Rollouts, generate
 from .tasks import Example, is_correct
 
 
@@ -44,23 +45,32 @@ def evaluate(
     temperature: float = 1.0,
     batch_size: int = 256,
     prefix: str = "eval",
+    sample: Callable[..., Rollouts] | None = None,
 ) -> dict[str, float]:
     """Greedy accuracy (overall and per family) and, if pass_k > 0, sampled pass@k.
 
     Accuracy is the mean over examples, so families weigh by their held-out size.
+    `sample(prompts, n, max_len, temperature, greedy=...)` renders and rolls out
+    prompts (a learner's `sample`: chat template and backend); by default the
+    raw prompts go through HF generate.
     """
     if not examples:
         return {}
+    if sample is None:
+
+        def sample(prompts, n, max_len, temperature=1.0, greedy=False):
+            return generate(model, tokenizer, prompts, n, max_len, temperature, greedy=greedy)
+
     correct: list[bool] = []
     for batch in _batches(examples, batch_size):
-        rollouts = generate(model, tokenizer, [ex.prompt for ex in batch], 1, max_completion_length, greedy=True)
+        rollouts = sample([ex.prompt for ex in batch], 1, max_completion_length, greedy=True)
         correct.extend(is_correct(ex, text) for ex, text in zip(batch, rollouts.completions))
     metrics = {f"{prefix}/acc_heldout": float(np.mean(correct))}
     metrics.update({f"{prefix}/acc/{family}": acc for family, acc in accuracy_by_family(examples, correct).items()})
     if pass_k > 0:
         scores = []
         for batch in _batches(examples, max(1, batch_size // pass_k)):
-            rollouts = generate(model, tokenizer, [ex.prompt for ex in batch], pass_k, max_completion_length, temperature)
+            rollouts = sample([ex.prompt for ex in batch], pass_k, max_completion_length, temperature)
             for i, ex in enumerate(batch):
                 hits = sum(is_correct(ex, text) for text in rollouts.completions[i * pass_k : (i + 1) * pass_k])
                 scores.append(pass_at_k(pass_k, hits, pass_k))

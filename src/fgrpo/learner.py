@@ -10,16 +10,18 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .chat import RAW, PromptFormat
 from .config import GRPOConfig
 from .grpo import group_advantages, grpo_loss
 from .model import trainable_parameters
 from .rewards import WeightedReward, compute_rewards
-from .rollout import completion_log_probs, generate
+from .rollout import Rollouts, completion_log_probs, generate
 from .tasks import Example
 
 
@@ -34,11 +36,21 @@ class ProximalTerm:
 class GRPOLearner:
     """Runs GRPO steps on a (peft or plain) causal LM."""
 
-    def __init__(self, model, tokenizer, grpo: GRPOConfig, reward: WeightedReward):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        grpo: GRPOConfig,
+        reward: WeightedReward,
+        prompt_format: PromptFormat = RAW,
+        generate_fn: Callable[..., Rollouts] = generate,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.config = grpo
         self.reward = reward
+        self.prompt_format = prompt_format
+        self.generate_fn = generate_fn
         self.is_peft = hasattr(model, "disable_adapter")
         self.reference = None
         if grpo.beta > 0 and not self.is_peft:
@@ -55,6 +67,28 @@ class GRPOLearner:
         params = list(trainable_parameters(self.model).values())
         self.optimizer = torch.optim.AdamW(params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
 
+    def sample(
+        self,
+        prompts: list[str],
+        num_generations: int,
+        max_completion_length: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+    ) -> Rollouts:
+        """Render task prompts (chat template) and roll them out with the configured backend."""
+        return self.generate_fn(
+            self.model,
+            self.tokenizer,
+            self.prompt_format.render(self.tokenizer, prompts),
+            num_generations,
+            max_completion_length,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+            add_special_tokens=self.prompt_format.add_special_tokens,
+        )
+
     @torch.inference_mode()
     def _reference_log_probs(self, rollouts) -> torch.Tensor:
         if self.reference is not None:
@@ -67,19 +101,14 @@ class GRPOLearner:
         cfg = self.config
         start = time.perf_counter()
         # 1. sample G completions per prompt
-        rollouts = generate(
-            self.model,
-            self.tokenizer,
-            [ex.prompt for ex in examples],
-            cfg.num_generations,
-            cfg.max_completion_length,
-            cfg.temperature,
-            cfg.top_p,
+        rollouts = self.sample(
+            [ex.prompt for ex in examples], cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p
         )
         generation_s = time.perf_counter() - start
         # 2. reward each completion (examples repeated G times to align)
         grouped_examples = [ex for ex in examples for _ in range(cfg.num_generations)]
-        scored = compute_rewards(grouped_examples, rollouts.completions, self.reward)
+        completion_ids = [row[mask.bool()].tolist() for row, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
+        scored = compute_rewards(grouped_examples, rollouts.completions, self.reward, completion_ids=completion_ids)
         rewards = torch.as_tensor(scored.rewards, dtype=torch.float32, device=rollouts.completion_ids.device)
         # 3. group-relative advantages
         advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # (N,)

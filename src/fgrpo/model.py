@@ -84,11 +84,14 @@ def build_tiny_model(seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
     return model, tokenizer
 
 
-def load_model_and_tokenizer(source: str, dtype: str = "auto", device: str = "auto"):
+def load_model_and_tokenizer(
+    source: str, dtype: str = "auto", device: str = "auto", quantization: str = "none"
+):
     """Load a causal LM and its tokenizer from a local folder or a hub id.
 
     A local folder is preferred when it exists; a hub id only works with network
     access (or a filled HF cache). Errors name the source and what is missing.
+    `quantization` ('4bit' / '8bit') loads the frozen base through bitsandbytes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,29 +104,108 @@ def load_model_and_tokenizer(source: str, dtype: str = "auto", device: str = "au
             raise ModelError(f"model folder '{source}' has no config.json: is it a Hugging Face save_pretrained folder?")
     target_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, target_device)
+    load_options: dict = {"dtype": torch_dtype}
+    if quantization != "none":
+        load_options["quantization_config"] = bitsandbytes_config(quantization, torch_dtype, target_device)
+        load_options["device_map"] = {"": target_device.index or 0}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else source)
     except Exception as exc:  # transformers raises many types; the user needs the source named
         raise ModelError(f"cannot load a tokenizer from '{source}': {exc}") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else source, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else source, **load_options)
     except Exception as exc:
         raise ModelError(f"cannot load a causal LM from '{source}': {exc}") from exc
     if tokenizer.pad_token_id is None:
         # Many causal LMs ship without a pad token; padding is masked anyway.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation needs prompts aligned at the right edge
+    if quantization != "none":
+        return model, tokenizer  # bitsandbytes placed it already; .to() is not allowed on quantized models
     return model.to(target_device), tokenizer
+
+
+def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype, device: torch.device):
+    """transformers' BitsAndBytesConfig for '4bit' (NF4, double quant) or '8bit'; clear errors when it cannot work."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"model.quantization = '{quantization}' needs bitsandbytes, which is not installed "
+            "(pip install bitsandbytes), or set model.quantization = 'none'"
+        )
+    if device.type != "cuda":
+        raise ModelError(f"model.quantization = '{quantization}' needs a CUDA device, got '{device}'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelError(f"model.quantization must be 'none', '4bit' or '8bit', got {quantization!r}")
+
+
+# LoRA targets per architecture family (model_type in config.json). Attention and
+# MLP projections: what QLoRA found matches full fine-tuning best.
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_PRESETS: dict[str, list[str]] = {
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # fused qkv, output and MLP projections (Conv1D)
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+# Architectures that share another's module names (SmolLM2 is a Llama).
+_PRESET_ALIASES = {"smollm": "llama", "smollm2": "llama", "qwen": "qwen2", "gpt": "gpt2"}
+
+
+def lora_target_modules(target_modules: list[str] | str, model=None) -> list[str] | str:
+    """Resolve 'auto' or a preset name to module names; lists and 'all-linear' pass through.
+
+    'auto' reads the model's `config.model_type`; an architecture without a
+    preset falls back to 'all-linear' (peft adapts every linear layer but the head).
+    """
+    if not isinstance(target_modules, str) or target_modules == "all-linear":
+        return target_modules
+    name = target_modules.lower()
+    if name == "auto":
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        return LORA_PRESETS.get(model_type, "all-linear")
+    name = _PRESET_ALIASES.get(name, name)
+    if name in LORA_PRESETS:
+        return LORA_PRESETS[name]
+    return target_modules  # any other string is a peft regex over module names
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations during backward (non-reentrant, so frozen inputs need no grad hook)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # generate() still passes use_cache=True explicitly
 
 
 def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str] | str):
     """Wrap `model` with a peft LoRA adapter; only adapter weights stay trainable."""
     from peft import LoraConfig, get_peft_model
 
+    target_modules = lora_target_modules(target_modules, model)
+    # GPT-2's projections are Conv1D layers that store weights transposed.
+    fan_in_fan_out = getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
+        fan_in_fan_out=fan_in_fan_out,
         target_modules=target_modules,
         bias="none",
         task_type="CAUSAL_LM",
@@ -176,3 +258,33 @@ def arrays_nbytes(arrays: dict[str, np.ndarray]) -> int:
 def model_nbytes(model) -> int:
     """Bytes of every parameter of the full model (base + adapter)."""
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto") -> Path:
+    """Fold a saved LoRA adapter into its base model and save a plain transformers checkpoint.
+
+    The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)` (and
+    serves in vLLM / TGI) with no peft at inference. `base` defaults to the
+    base model recorded in the adapter's adapter_config.json.
+    """
+    import json
+
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelError(f"'{adapter_dir}' has no adapter_config.json: is it the adapter/ folder of a run?")
+    if base is None:
+        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ModelError(f"{config_path} names no base model; pass the base model's folder or hub id")
+    model, tokenizer = load_model_and_tokenizer(base, dtype, "cpu")
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except Exception as exc:
+        raise ModelError(f"cannot apply the adapter in '{adapter_dir}' to '{base}': {exc}") from exc
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -6,30 +6,54 @@ so every entry point resolves a config the same way.
 
 from __future__ import annotations
 
+import functools
 import random
 
-from .config import ModelConfig, TasksConfig
-from .learner import seeded
-from .model import add_lora, load_model_and_tokenizer
+from .config import Config, ModelConfig, TasksConfig
+from .learner import GRPOLearner, seeded
+from .model import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
 from .rewards import WeightedReward, resolve_reward_function
+from .sources import load_source
 from .tasks import Example, FamilySpec, load_jsonl, make_splits
 
 
+def _split(examples: list[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Shuffle with the pool's seed and hold out `test_fraction` (at least one example when there are two)."""
+    examples = list(examples)
+    random.Random(seed).shuffle(examples)
+    num_test = max(1, round(len(examples) * test_fraction)) if len(examples) > 1 else 0
+    return examples[num_test:], examples[:num_test]
+
+
 def build_task_pool(tasks: TasksConfig) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples: synthetic families plus any JSONL files."""
+    """(train, held-out) examples: synthetic families, JSONL files, then dataset sources."""
     specs = [FamilySpec(f.name, f.difficulty, tuple(f.reward_scale), f.weight) for f in tasks.families]
     train, test = make_splits(specs, tasks.train_per_family, tasks.test_per_family, tasks.seed) if specs else ([], [])
     for file in tasks.files:
         examples = load_jsonl(file.path, file.prompt_key, file.answer_key, file.family, tuple(file.reward_scale))
-        random.Random(tasks.seed).shuffle(examples)
-        num_test = max(1, round(len(examples) * file.test_fraction)) if len(examples) > 1 else 0
-        test += examples[:num_test]
-        train += examples[num_test:]
+        file_train, file_test = _split(examples, file.test_fraction, tasks.seed)
+        train += file_train
+        test += file_test
+    for source in tasks.sources:
+        source_train, source_test = _split(load_source(source), source.test_fraction, tasks.seed)
+        train += source_train
+        test += source_test
     return train, test
 
 
-def build_reward(tasks: TasksConfig) -> WeightedReward:
-    return WeightedReward([(resolve_reward_function(r.name), r.weight) for r in tasks.rewards])
+def build_reward(tasks: TasksConfig, max_completion_length: int | None = None) -> WeightedReward:
+    """The weighted reward; `kwargs` are bound to each function, and length_penalty
+    defaults its budget to the rollouts' max_completion_length."""
+    terms = []
+    for reward in tasks.rewards:
+        fn = resolve_reward_function(reward.name)
+        kwargs = dict(reward.kwargs)
+        if reward.name == "length_penalty" and max_completion_length is not None:
+            kwargs.setdefault("max_length", max_completion_length)
+        if kwargs:
+            fn = functools.update_wrapper(functools.partial(fn, **kwargs), fn)
+        terms.append((reward.name if not kwargs else fn, reward.weight))
+    return WeightedReward(terms)
 
 
 def resolve_model_source(model: ModelConfig, tasks: TasksConfig) -> str:
@@ -43,7 +67,16 @@ def resolve_model_source(model: ModelConfig, tasks: TasksConfig) -> str:
 
 def load_policy(model: ModelConfig, tasks: TasksConfig, seed: int):
     """The trainable policy (LoRA-wrapped unless lora.enabled = false) and its tokenizer."""
-    base, tokenizer = load_model_and_tokenizer(resolve_model_source(model, tasks), model.dtype, model.device)
+    base, tokenizer = load_model_and_tokenizer(
+        resolve_model_source(model, tasks), model.dtype, model.device, model.quantization
+    )
+    if model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and freezes the quantized base, as QLoRA does.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=model.gradient_checkpointing)
+    if model.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     if model.lora.enabled:
         with seeded(seed):  # LoRA's A matrices are random: same seed, same adapter init
             policy = add_lora(
@@ -52,3 +85,24 @@ def load_policy(model: ModelConfig, tasks: TasksConfig, seed: int):
     else:
         policy = base.requires_grad_(True)
     return policy, tokenizer
+
+
+def build_learner(config: Config, seed: int) -> GRPOLearner:
+    """Policy, tokenizer, chat template, rollout backend and reward, wired into one learner."""
+    from .chat import prompt_format
+    from .rollout import generate
+
+    model, tokenizer = load_policy(config.model, config.tasks, seed)
+    generate_fn = generate
+    if config.model.generation_backend == "vllm":
+        from .vllm_backend import VLLMGenerator
+
+        generate_fn = VLLMGenerator(config.model, resolve_model_source(config.model, config.tasks))
+    return GRPOLearner(
+        model,
+        tokenizer,
+        config.grpo,
+        build_reward(config.tasks, config.grpo.max_completion_length),
+        prompt_format=prompt_format(tokenizer, config.model.chat_template, config.model.system_prompt),
+        generate_fn=generate_fn,
+    )

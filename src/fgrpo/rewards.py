@@ -89,10 +89,21 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
     return scores
 
 
+def _math_rewards() -> dict[str, RewardFunction]:
+    from .mathcheck import length_penalty_reward, math_verify_reward, think_answer_format_reward
+
+    return {
+        "math_verify": math_verify_reward,
+        "think_answer_format": think_answer_format_reward,
+        "length_penalty": length_penalty_reward,
+    }
+
+
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "exact_match": exact_match_reward,
     "partial_credit": partial_credit_reward,
     "format": format_reward,
+    **_math_rewards(),
 }
 
 
@@ -242,13 +253,25 @@ class RewardResult:
     correct: np.ndarray  # (N,) bool, exact match
 
 
-def compute_rewards(examples: Sequence[Example], completions: Sequence, reward: WeightedReward) -> RewardResult:
-    """Score completions[i] against examples[i]: the reward functions see the examples' prompts and columns."""
+def compute_rewards(
+    examples: Sequence[Example], completions: Sequence, reward: WeightedReward, completion_ids: list | None = None
+) -> RewardResult:
+    """Score completions[i] against examples[i]: the reward functions see the examples' prompts and columns.
+
+    Columns are answer, family, reward_scale, every extra column (`meta`) that
+    all examples of the batch share (e.g. 'level', 'source'), and, as TRL
+    passes them, the `completion_ids` (token ids without padding) when given.
+    """
     if len(examples) != len(completions):
         raise RewardError(f"{len(completions)} completions for {len(examples)} examples; expected one per example")
     prompts = [example.prompt for example in examples]
     rows = [example.columns() for example in examples]
     columns = {key: [row[key] for row in rows] for key in ("answer", "family", "reward_scale")}
+    shared = set.intersection(*(set(example.meta) for example in examples)) if examples else set()
+    for key in sorted(shared - set(columns)):
+        columns[key] = [example.meta[key] for example in examples]
+    if completion_ids is not None:
+        columns["completion_ids"] = list(completion_ids)
     scores, per_function = reward.score(prompts, list(completions), columns)
     rewards = apply_reward_scale(scores, [example.reward_scale for example in examples])
     correct = np.array([is_correct(ex, completion) for ex, completion in zip(examples, completions)], dtype=bool)

@@ -29,9 +29,16 @@ class Rollouts:
         return int(self.completion_mask.sum())
 
 
-def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad a list of prompts: (ids (B, P), mask (B, P))."""
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+def encode_prompts(
+    tokenizer, prompts: list[str], device: torch.device, add_special_tokens: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad a list of prompts: (ids (B, P), mask (B, P)).
+
+    `add_special_tokens=False` for chat-templated text, which holds its own BOS.
+    """
+    encoded = tokenizer(
+        prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens
+    )
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
@@ -45,10 +52,14 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
+    add_special_tokens: bool = True,
 ) -> Rollouts:
-    """Sample `num_generations` completions for every prompt (greedy: argmax decoding)."""
+    """Sample `num_generations` completions for every prompt (greedy: argmax decoding).
+
+    This is the rollout interface every backend implements (see `vllm_backend`).
+    """
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, add_special_tokens)
     prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # (B*G, P)
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     was_training = model.training

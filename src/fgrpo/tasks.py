@@ -47,6 +47,9 @@ class Example:
     answer: str  # the reference final answer, normalized for its family (e.g. "46")
     family: str  # task label ("add", ...); for loaded files the configured family name
     reward_scale: tuple[float, float] = (0.0, 1.0)  # a score s in [0, 1] maps to low + (high - low) * s
+    checker: str = "exact"  # how correctness is judged: "exact" (normalized string) or "math" (math-verify)
+    # Other columns of a loaded row ("source", "subject", "level", ...): partition labels and reward kwargs.
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         low, high = (float(v) for v in self.reward_scale)
@@ -335,7 +338,17 @@ def _boxed(text: str) -> str | None:
     return None
 
 
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def answer_region(text: str) -> str:
+    """The inside of the last <answer>…</answer> when there is one (R1-style output), else the text."""
+    tagged = _ANSWER_TAG.findall(text)
+    return tagged[-1] if tagged else text
+
+
 def _raw_answer(text: str) -> str | None:
+    text = answer_region(text)
     if "####" in text:
         after = text.rsplit("####", 1)[1].strip()
         return after.splitlines()[0].strip() if after else None
@@ -351,7 +364,8 @@ def _raw_answer(text: str) -> str | None:
 def extract_answer(completion, family: str | None = None) -> str | None:
     """The final answer of a completion, normalized the way `family` compares answers.
 
-    Taken from after the last "####" if present, else from the last
+    Looked for inside the last <answer>...</answer> when present; there,
+    taken from after the last "####" if present, else from the last
     \\boxed{...}, else the first non-empty line. None when there is none
     (empty completion, nothing after "####", empty box). `family=None` means
     numeric normalization, as for loaded data.
@@ -361,6 +375,10 @@ def extract_answer(completion, family: str | None = None) -> str | None:
 
 
 def is_correct(example: Example, completion) -> bool:
+    if example.checker == "math":
+        from .mathcheck import math_answer_correct
+
+        return math_answer_correct(example.answer, completion)
     predicted = extract_answer(completion, example.family)
     return predicted is not None and predicted == normalize_answer(example.answer, answer_is_numeric(example.family))
 

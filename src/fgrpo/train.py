@@ -10,8 +10,7 @@ import torch
 
 from .config import Config
 from .evaluate import evaluate
-from .learner import GRPOLearner
-from .pipeline import build_reward, build_task_pool, load_policy
+from .pipeline import build_learner, build_task_pool
 from .results import MetricsWriter, prepare_run_dir, write_config, write_summary
 from .tasks import Example
 
@@ -61,14 +60,20 @@ def run_training(config: Config, *, overwrite: bool = False, progress: bool = Tr
     seed = config.training.seed
     seed_everything(seed)
     train_set, test_set = build_task_pool(config.tasks)
-    model, tokenizer = load_policy(config.model, config.tasks, seed)
-    learner = GRPOLearner(model, tokenizer, config.grpo, build_reward(config.tasks))
+    learner = build_learner(config, seed)
+    model, tokenizer = learner.model, learner.tokenizer
     sampler = PromptSampler(train_set, seed)
     g = config.grpo
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(
-            model, tokenizer, test_set, g.max_completion_length, pass_k=config.training.eval_pass_k, temperature=g.temperature
+            model,
+            tokenizer,
+            test_set,
+            g.max_completion_length,
+            pass_k=config.training.eval_pass_k,
+            temperature=g.temperature,
+            sample=learner.sample,
         )
         writer.write("eval", step=step, **metrics)
         return metrics
