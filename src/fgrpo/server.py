@@ -37,12 +37,17 @@ def build_strategy(config: Config, num_nodes: int):
     fed = config.federation
     name = PLUMBING_STRATEGY.get(fed.method, fed.method)
     sampled = 1 if fed.method == "centralized" else clients_per_round(config)
+    # Flower's strategies wait until `min_available_nodes` are connected before
+    # sampling: asking for fewer than all nodes lets a round go on after a
+    # SuperNode drops (deployment), while `fraction_train` still samples `sampled`
+    # of `num_nodes` (the epsilon guards int() against 29/100*100 = 28.999...).
+    floor = min(sampled, fed.min_train_clients)
     common = dict(
-        fraction_train=sampled / num_nodes,
-        min_train_nodes=sampled,
-        min_available_nodes=num_nodes,
+        fraction_train=min(1.0, (sampled + 1e-6) / num_nodes),
+        min_train_nodes=floor,
+        min_available_nodes=floor,
         fraction_evaluate=1.0,
-        min_evaluate_nodes=num_nodes,
+        min_evaluate_nodes=floor,
     )
     options: dict = {}
     if name == "fgrpo":
@@ -149,8 +154,10 @@ def run_federation(grid: Grid, config: Config, run_dir: Path, *, progress: bool 
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
             ok = [r for r in replies if not r.has_error()]
             failed = [r for r in replies if r.has_error()]
+            # A node that died sends nothing: no reply by the timeout is a failure too.
+            num_failed = len(messages) - len(ok)
             if len(ok) < min(fed.min_train_clients, len(messages)):
-                reasons = "; ".join(str(r.error.reason) for r in failed)[:500]
+                reasons = "; ".join([str(r.error.reason) for r in failed] + ["no reply"] * (num_failed - len(failed)))[:500]
                 raise FederationError(
                     f"round {server_round}: only {len(ok)} of {len(messages)} clients succeeded "
                     f"(min_train_clients = {fed.min_train_clients}): {reasons}"
@@ -186,7 +193,7 @@ def run_federation(grid: Grid, config: Config, run_dir: Path, *, progress: bool 
                     "comm/bytes_up": sum(_record_bytes(r) for r in ok),
                     "time/round_s": time.perf_counter() - round_start,
                     "clients/sampled": len(messages),
-                    "clients/failed": len(failed),
+                    "clients/failed": num_failed,
                 },
             )
             bar.update(task, advance=1, info=f"acc {final_accuracy:.1%}")
