@@ -320,6 +320,11 @@ class LocalFederation:
         self.tls = tls or supernode_auth
         self.supernode_auth = supernode_auth
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.work_dir / "flwr-home")}
+        # Flower's processes run in other working directories: give them this very fgrpo, by absolute path.
+        package_root = str(Path(__file__).resolve().parents[1])
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [package_root, *(str(Path(p).resolve()) for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+        )
         self.port = free_port()
         self.address = f"{LOOPBACK}:{self.port}"
         self.superlink: subprocess.Popen | None = None
