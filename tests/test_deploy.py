@@ -252,3 +252,26 @@ def test_missing_data_path_names_the_path(tmp_path):
     text = dump_config(config_from_dict({}))
     with pytest.raises(DataError, match=str(tmp_path / "nope.jsonl")):
         _client_data(text, 0, 1, str(tmp_path / "nope.jsonl"))
+
+
+def test_missing_reply_counts_as_failed(tmp_path):
+    """A node that never answers (the SuperLink's timeout path) is a failed client, like an error reply."""
+    from conftest import small_config_dict
+
+    from fgrpo.app import CONFIG_KEY, client_app
+    from fgrpo.config import dump_config
+    from fgrpo.inprocess import InProcessGrid
+    from fgrpo.runtime import node_configs
+    from fgrpo.server import run_federation
+
+    class SilentNodeGrid(InProcessGrid):
+        def pull_messages(self, message_ids):
+            replies = list(super().pull_messages(message_ids))
+            silent = self._node_ids[1]
+            return [r for r in replies if not (r.metadata.src_node_id == silent and r.metadata.message_type.startswith("train"))]
+
+    config = config_from_dict(small_config_dict(tmp_path, federation={"min_train_clients": 1, "round_timeout_s": 5.0}))
+    grid = SilentNodeGrid(client_app, node_configs(config), run_config={CONFIG_KEY: dump_config(config)})
+    run_federation(grid, config, tmp_path / "run", progress=False)
+    rounds = [r for r in records(tmp_path / "run") if r["kind"] == "round" and r["round"] > 0]
+    assert [(r["clients/sampled"], r["clients/failed"]) for r in rounds] == [(2, 1), (2, 1)]
