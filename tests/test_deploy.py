@@ -275,3 +275,23 @@ def test_missing_reply_counts_as_failed(tmp_path):
     run_federation(grid, config, tmp_path / "run", progress=False)
     rounds = [r for r in records(tmp_path / "run") if r["kind"] == "round" and r["round"] > 0]
     assert [(r["clients/sampled"], r["clients/failed"]) for r in rounds] == [(2, 1), (2, 1)]
+
+
+def test_tls_and_supernode_authentication_on_loopback(tmp_path):
+    """TLS everywhere and CLI-managed SuperNode authentication: registered nodes come online, a stranger does not."""
+    nodes = [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2}]
+    with deploy.LocalFederation(nodes, tmp_path / "flower", supernode_auth=True) as federation:
+        federation.wait_online(2)
+        # An unregistered key is refused: the count of online nodes stays at 2.
+        (private, _), = deploy.generate_supernode_keys(tmp_path / "stranger", 1)
+        certs = federation.work_dir / "certificates" / "ca.crt"
+        federation.supernodes.append(federation._spawn("stranger", deploy.supernode_command(
+            federation.address, {"partition-id": 2}, deploy.free_port(), root_cert=certs, auth_private_key=private,
+        )))
+        stranger = federation.supernodes[-1]
+        deadline = time.monotonic() + 120
+        while stranger.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert stranger.returncode not in (None, 0), "a SuperNode with an unregistered key kept running"
+        assert "failed to activate supernode" in federation.log_tail("stranger", 20000).lower()
+        assert federation.online_nodes() == 2

@@ -373,6 +373,22 @@ class LocalFederation:
             )
         return wall
 
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink reports online (`flwr supernode list`)."""
+        import json
+
+        output = self._flwr(["flwr", "supernode", "list", CONNECTION, "--format", "json"], timeout=120)
+        nodes = json.loads(output[output.index("{"):])["nodes"]
+        return sum(node["status"] == "online" for node in nodes)
+
+    def wait_online(self, count: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.online_nodes() < count:
+            if time.monotonic() > deadline:
+                tails = "\n".join(self.log_tail(f"supernode{i}", 800) for i in range(len(self.supernodes)))
+                raise FederationError(f"fewer than {count} SuperNodes online after {timeout_s:.0f} s:\n{tails}")
+            time.sleep(1)
+
     def kill_node(self, index: int) -> None:
         """SIGKILL a SuperNode with its SuperExec and ClientApp processes, as if its machine died."""
         process = self.supernodes[index]
