@@ -159,9 +159,8 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
     """Flower deployment entry point: the same federation loop as the in-process runtime."""
-    from .server import run_federation
-
     from .deploy import wait_for_nodes
+    from .server import run_federation
 
     config = config_from_context(context)
     run_dir = Path(str(context.run_config.get(RUN_DIR_KEY, "")) or config.output.dir)

@@ -299,6 +299,9 @@ def flower_launch(
     cfg = _load(config, set_values, output)
     app = flower_app_dir(app_dir)
     prepare_run_dir(output)  # refuse a non-empty results directory before starting anything
+    from .pipeline import resolve_model_source
+
+    resolve_model_source(cfg.model, cfg.tasks)  # build the tiny model's warm start once, not in every ClientApp
     work = work_dir or output.parent / f"{output.name}-flower"
     with LocalFederation(node_configs(cfg), work, tls=tls, supernode_auth=auth) as federation:
         console.print(f"SuperLink on {federation.address}, {len(federation.node_configs)} SuperNodes; logs in {work}")
