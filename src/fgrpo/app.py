@@ -29,6 +29,7 @@ else:  # pragma: no cover
 
 CONFIG_KEY = "fgrpo-config"
 RUN_DIR_KEY = "run-dir"
+RESUME_KEY = "resume"
 LOCAL_ADAPTER_KEY = "local-adapter"
 
 
@@ -42,8 +43,12 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 @lru_cache(maxsize=4)
 def _config_from_text(text: str) -> Config:
-    from .config import config_from_dict
+    from .config import config_from_dict, load_config
 
+    if not text.strip():  # `flwr run .` with the pyproject defaults: the packaged quickstart scenario
+        from importlib.resources import files
+
+        return load_config(Path(str(files("fgrpo") / "scenarios" / "quickstart.toml")))
     return config_from_dict(tomllib.loads(text), source=f"run config '{CONFIG_KEY}'")
 
 
@@ -66,6 +71,10 @@ def shared_learner(context: Context) -> GRPOLearner:
 def _client_data(config_text: str, partition_id: int, num_partitions: int, data_path: str) -> ClientData:
     config = _config_from_text(config_text)
     if data_path:
+        if not Path(data_path).is_file():
+            from .errors import DataError
+
+            raise DataError(f"node config data-path '{data_path}': no such file on this SuperNode")
         return file_client_data(config, partition_id, data_path)
     if config.federation.method == "centralized":
         return pooled_data(config)
@@ -190,8 +199,11 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
     """Flower deployment entry point: the same federation loop as the in-process runtime."""
+    from .deploy import wait_for_nodes
     from .server import run_federation
 
     config = config_from_context(context)
-    run_dir = Path(str(context.run_config.get(RUN_DIR_KEY, config.output.dir)))
-    run_federation(grid, config, run_dir, progress=False)
+    run_dir = Path(str(context.run_config.get(RUN_DIR_KEY, "")) or config.output.dir)
+    wait_for_nodes(grid, 1 if config.federation.method == "centralized" else config.federation.num_clients)
+    # `flwr run ... --run-config 'resume=true'` continues a crashed deployment run from its checkpoint.
+    run_federation(grid, config, run_dir, progress=False, resume=bool(context.run_config.get(RESUME_KEY, False)))

@@ -1,4 +1,4 @@
-"""`fgrpo` command line: train, run, compare, report, quickstart, merge."""
+"""`fgrpo` command line: train, run, compare, report, quickstart, merge, flower."""
 
 from __future__ import annotations
 
@@ -176,6 +176,157 @@ def merge(
 
     path = merge_adapter(adapter, out, base=base, dtype=dtype)
     console.print(f"merged model written to {path}")
+
+
+flower = typer.Typer(
+    help=(
+        "Run the same Flower App on Flower's deployment runtime: a SuperLink, one SuperNode per data owner, "
+        "then `flwr run`. `fgrpo flower commands CONFIG` prints the exact commands (see docs/deployment.md)."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(flower, name="flower")
+
+
+@flower.command("commands")
+@friendly_errors
+def flower_commands(
+    config: Path = typer.Argument(..., help="TOML config with a [federation] section."),
+    output: Path = typer.Option(Path("runs/flower"), "--output", "-o", help="Results directory the ServerApp writes."),
+    data: Optional[list[Path]] = typer.Option(
+        None, "--data", help="One private JSONL file per SuperNode (repeat); default: node i holds partition i."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address the SuperLink listens on (its machine's address in a real deployment)."),
+    port: int = typer.Option(9093, help="SuperLink port (Fleet, Control and Runtime APIs share it in flwr 1.42)."),
+    tls: Optional[Path] = typer.Option(None, help="Folder with ca.crt, server.pem, server.key (`fgrpo flower certs`)."),
+    auth: Optional[Path] = typer.Option(None, help="Folder with supernode<i>[.pub] keys (`fgrpo flower keys`); needs --tls."),
+    app_dir: Path = typer.Option(Path("."), "--app", help="The Flower App folder (this repository's root)."),
+):
+    """Print the exact commands: SuperLink, N SuperNodes (each with its own data), connection, `flwr run`."""
+    import shlex
+
+    from . import deploy
+
+    cfg = _load(config, None, None)
+    n = 1 if cfg.federation.method == "centralized" else cfg.federation.num_clients
+    if data and len(data) != n:
+        raise ConfigError(f"--data: got {len(data)} files for {n} clients (federation.num_clients)")
+    certs = deploy.TLSFiles(tls / "ca.crt", tls / "server.pem", tls / "server.key") if tls else None
+    address = f"{host}:{port}"
+    run_config = output.parent / f"{output.name}-run-config.toml"
+
+    def line(command: list[str]) -> str:
+        return " ".join(shlex.quote(part) for part in command)
+
+    print(f"# 1. SuperLink (server machine){'' if certs else '  — insecure: loopback / trusted network only'}")
+    print(line(deploy.superlink_command(port, host=host, tls=certs, supernode_auth=auth is not None)))
+    print("\n# 2. where you run `flwr`: a SuperLink connection in Flower's config ($FLWR_HOME/config.toml)")
+    connection = ["fgrpo", "flower", "connection", address] + (["--root-cert", str(certs.ca_cert)] if certs else [])
+    print(line(connection))
+    if auth is not None:
+        print("\n# 2b. register each SuperNode's public key (SuperLink started with --enable-supernode-auth)")
+        for i in range(n):
+            print(line(deploy.register_command(auth / f"supernode{i}.pub")))
+    print("\n# 3. one SuperNode per data owner, each on its own machine, pointing at its own data")
+    for i in range(n):
+        node = {"partition-id": i, "num-partitions": n}
+        if data:
+            node["data-path"] = str(data[i].resolve())
+        print(line(deploy.supernode_command(
+            address, node, 9094 + i if host in ("127.0.0.1", "localhost") else 9094,
+            root_cert=certs.ca_cert if certs else None,
+            auth_private_key=auth / f"supernode{i}" if auth else None,
+        )))
+    print("\n# 4. the run: the whole fgrpo config travels in the run config; results land in --output")
+    print(line(["fgrpo", "flower", "run-config", str(config), "--output", str(output), "--file", str(run_config)]))
+    print(line(deploy.flwr_run_command(app_dir, run_config)))
+    print(f"fgrpo report {shlex.quote(str(output))}")
+
+
+@flower.command("run-config")
+@friendly_errors
+def flower_run_config(
+    config: Path = typer.Argument(..., help="TOML config with a [federation] section."),
+    output: Path = typer.Option(Path("runs/flower"), "--output", "-o", help="Results directory (made absolute)."),
+    file: Path = typer.Option(Path("run-config.toml"), "--file", help="Where to write the file for `flwr run --run-config`."),
+    set_values: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Write the run config file for `flwr run . CONNECTION --run-config FILE`."""
+    from .deploy import write_run_config
+
+    cfg = _load(config, set_values, None)
+    path = write_run_config(cfg, output, file)
+    console.print(f"wrote {path}; results will land in {output.resolve()}")
+
+
+@flower.command("connection")
+@friendly_errors
+def flower_connection(
+    address: str = typer.Argument(..., help="SuperLink host:port."),
+    name: str = typer.Option("fgrpo-local", help="Connection name for `flwr run . NAME`."),
+    root_cert: Optional[Path] = typer.Option(None, help="CA certificate (TLS); without it the connection is insecure."),
+):
+    """Add a SuperLink connection to Flower's config file ($FLWR_HOME/config.toml)."""
+    from .deploy import write_connection
+
+    path = write_connection(address, name=name, root_cert=root_cert)
+    console.print(f"connection '{name}' → {address} ({'TLS' if root_cert else 'insecure'}) in {path}")
+
+
+@flower.command("certs")
+@friendly_errors
+def flower_certs(
+    out_dir: Path = typer.Argument(Path("certificates"), help="Folder for ca.crt, server.pem, server.key."),
+    host: Optional[list[str]] = typer.Option(None, "--host", help="SuperLink IP or DNS name for the certificate (repeat)."),
+):
+    """Self-signed CA + SuperLink certificate (for tests and private networks; use your own PKI in production)."""
+    from .deploy import generate_tls_certificates
+
+    files = generate_tls_certificates(out_dir, tuple(host) if host else ("127.0.0.1", "localhost"))
+    console.print(f"wrote {files.ca_cert}, {files.server_cert}, {files.server_key}")
+
+
+@flower.command("keys")
+@friendly_errors
+def flower_keys(
+    out_dir: Path = typer.Argument(Path("keys"), help="Folder for supernode<i> / supernode<i>.pub."),
+    count: int = typer.Option(2, "--count", "-n", min=1, help="Number of SuperNodes."),
+):
+    """ECDSA P-384 key pairs for SuperNode authentication (as `ssh-keygen -t ecdsa -b 384`)."""
+    from .deploy import generate_supernode_keys
+
+    pairs = generate_supernode_keys(out_dir, count)
+    console.print(f"wrote {len(pairs)} key pairs in {out_dir}")
+
+
+@flower.command("launch")
+@friendly_errors
+def flower_launch(
+    config: Path = typer.Argument(..., help="TOML config with a [federation] section."),
+    output: Path = typer.Option(Path("runs/flower"), "--output", "-o", help="Results directory."),
+    work_dir: Optional[Path] = typer.Option(None, help="Logs, certificates and Flower's home (default OUTPUT-flower/)."),
+    tls: bool = typer.Option(False, help="TLS with a fresh self-signed CA."),
+    auth: bool = typer.Option(False, help="SuperNode authentication (implies --tls)."),
+    set_values: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    timeout: float = typer.Option(3600, help="Give up after this many seconds."),
+    app_dir: Optional[Path] = typer.Option(None, "--app", help="The Flower App folder (default: this checkout's root)."),
+):
+    """Start a SuperLink and one SuperNode per client on 127.0.0.1, `flwr run` the config, stop them all."""
+    from .deploy import LocalFederation, flower_app_dir
+    from .results import prepare_run_dir
+    from .runtime import node_configs
+
+    cfg = _load(config, set_values, output)
+    app = flower_app_dir(app_dir)
+    prepare_run_dir(output)  # refuse a non-empty results directory before starting anything
+    from .pipeline import resolve_model_source
+
+    resolve_model_source(cfg.model, cfg.tasks)  # build the tiny model's warm start once, not in every ClientApp
+    work = work_dir or output.parent / f"{output.name}-flower"
+    with LocalFederation(node_configs(cfg), work, tls=tls, supernode_auth=auth) as federation:
+        console.print(f"SuperLink on {federation.address}, {len(federation.node_configs)} SuperNodes; logs in {work}")
+        wall = federation.run(cfg, output, app, timeout_s=timeout)
+    console.print(f"Flower run done in {wall:.0f} s; results in {output}")
 
 
 def main() -> None:

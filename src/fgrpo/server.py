@@ -57,12 +57,17 @@ def build_strategy(config: Config, num_nodes: int):
     fed = config.federation
     name = PLUMBING_STRATEGY.get(fed.method, fed.method)
     sampled = 1 if fed.method == "centralized" else clients_per_round(config)
-    common: dict = dict(
-        fraction_train=sampled / num_nodes,
-        min_train_nodes=sampled,
-        min_available_nodes=num_nodes,
+    # Flower's strategies wait until `min_available_nodes` are connected before
+    # sampling: asking for fewer than all nodes lets a round go on after a
+    # SuperNode drops (deployment), while `fraction_train` still samples `sampled`
+    # of `num_nodes` (the epsilon guards int() against 29/100*100 = 28.999...).
+    floor = min(sampled, fed.min_train_clients)
+    common = dict(
+        fraction_train=min(1.0, (sampled + 1e-6) / num_nodes),
+        min_train_nodes=floor,
+        min_available_nodes=floor,
         fraction_evaluate=1.0,
-        min_evaluate_nodes=num_nodes,
+        min_evaluate_nodes=floor,
     )
     options: dict = {}
     robust = fed.defense.robust
