@@ -234,7 +234,7 @@ def test_pyproject_is_a_valid_flower_app():
     pyproject = tomllib.loads((app / "pyproject.toml").read_text())
     ok, errors, _ = validate_config(pyproject, check_module=True, project_dir=app / "src")
     assert ok, errors
-    assert set(get_fused_config_from_dir(app, {})) == {"fgrpo-config", "run-dir"}
+    assert set(get_fused_config_from_dir(app, {})) == {"fgrpo-config", "run-dir", "resume"}
     import io
     import zipfile
 
