@@ -129,7 +129,12 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> None:
 
 def test_killed_at_a_random_point_and_resumed_equals_an_uninterrupted_run(tmp_path):
     config = write_config(tmp_path)
-    finish(fgrpo_run(str(config), "-o", str(tmp_path / "reference")))
+    reference_process = fgrpo_run(str(config), "-o", str(tmp_path / "reference"))
+    while not (tmp_path / "reference" / CHECKPOINT_NAME).exists() and reference_process.poll() is None:
+        time.sleep(0.05)
+    first_checkpoint = time.perf_counter()
+    finish(reference_process)
+    training_s = time.perf_counter() - first_checkpoint  # the window in which a kill lands mid-run
     reference = comparable(tmp_path / "reference")
     repeats = int(os.environ.get("FGRPO_KILL_REPEATS", "2"))
     rng = random.Random(20261127)
@@ -138,10 +143,11 @@ def test_killed_at_a_random_point_and_resumed_equals_an_uninterrupted_run(tmp_pa
         process = fgrpo_run(str(config), "-o", str(run_dir))
         while not (run_dir / CHECKPOINT_NAME).exists() and process.poll() is None:
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 4.0))  # somewhere inside the rounds: mid-training, mid-write, or done
+        time.sleep(rng.uniform(0.0, training_s))  # anywhere from round 1 to the final writes
         process.send_signal(signal.SIGKILL)
         process.communicate()
         killed_at = load_checkpoint(run_dir).server_round
+        print(f"repeat {repeat}: killed with round {killed_at} of 4 checkpointed, finished={((run_dir / 'summary.json').exists())}")
         if not (run_dir / "summary.json").exists():
             finish(fgrpo_run(str(config), "--resume", str(run_dir)))
         assert comparable(run_dir) == reference, f"repeat {repeat}: killed after round {killed_at}"
