@@ -17,13 +17,12 @@ federation can partition by it and reward functions receive it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from .config import SourceConfig
 from .errors import DataError
-from .tasks import Example, _boxed, _answer_from_value, answer_is_numeric
+from .tasks import Example, _answer_from_value, _boxed, answer_is_numeric, jsonl_records
 
 FORMAT_COLUMNS: dict[str, tuple[str, str]] = {
     "gsm8k": ("question", "answer"),
@@ -47,24 +46,6 @@ def file_type(path: Path, configured: str = "auto") -> str:
     return kind
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
-
-
 def _dataset_rows(path: Path, kind: str) -> Iterator[tuple[str, dict]]:
     """Rows through `datasets` (kept in memory: nothing is written to the HF cache)."""
     from datasets import Dataset
@@ -86,7 +67,7 @@ def read_rows(path: str | Path, kind: str = "auto") -> Iterator[tuple[str, dict]
     if not path.is_file():
         raise DataError(f"{path}: not a file")
     kind = file_type(path, kind)
-    return _jsonl_rows(path) if kind == "jsonl" else _dataset_rows(path, kind)
+    return jsonl_records(path) if kind == "jsonl" else _dataset_rows(path, kind)
 
 
 def detect_format(columns: set[str]) -> str:

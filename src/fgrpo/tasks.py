@@ -23,7 +23,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -397,6 +397,25 @@ def _answer_from_value(value, numeric: bool) -> str | None:
     return text or None
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every non-blank line of a JSONL file; `where` is "FILE line N" for errors."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
 def load_jsonl(
     path: str | Path,
     prompt_key: str = "prompt",
@@ -414,22 +433,9 @@ def load_jsonl(
         raise DataError(f"{path}: file not found")
     if not path.is_file():
         raise DataError(f"{path}: not a file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
     numeric = answer_is_numeric(family)
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for where, record in jsonl_records(path):
         for key in (prompt_key, answer_key):
             if key not in record:
                 raise DataError(f"{where}: missing key '{key}' (keys present: {', '.join(record) or 'none'})")
@@ -444,6 +450,6 @@ def load_jsonl(
             )
         examples.append(Example(prompt, answer, family, reward_scale))
     if not examples:
-        reason = "file is empty" if not lines else "only blank lines"
+        reason = "file is empty" if path.stat().st_size == 0 else "only blank lines"
         raise DataError(f"{path}: no examples ({reason})")
     return examples
