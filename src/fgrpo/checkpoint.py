@@ -164,7 +164,7 @@ def load_checkpoint(run_dir: Path) -> ServerState:
 
 def config_differences(saved_text: str, current_text: str, ignore: tuple[str, ...]) -> list[str]:
     """Dotted keys whose values differ between two resolved configs (TOML text), except `ignore`."""
-    import tomllib
+    from .config import tomllib  # tomllib, or tomli on Python 3.10
 
     def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(node, dict):

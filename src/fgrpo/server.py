@@ -303,7 +303,6 @@ def run_federation(
         random.seed(seed)  # Flower strategies sample nodes with the `random` module
         np.random.seed(seed)  # Flower's DP noise uses NumPy's global RNG
         arrays = arrays_to_record(get_trainable_arrays(learner.model))
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         first_round, elapsed = 1, 0.0
     else:
         arrays = arrays_to_record(state.arrays)
