@@ -31,6 +31,7 @@ CONFIG_KEY = "fgrpo-config"
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
 LOCAL_ADAPTER_KEY = "local-adapter"
+RESIDUAL_KEY = "compression-residual"
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -142,6 +143,22 @@ def simulate_attack(
     return arrays, metrics
 
 
+def encode_upload(config: Config, start: dict[str, np.ndarray], trained: dict[str, np.ndarray], context: Context) -> dict:
+    """What the client sends: θ_k as is, or its compressed delta (the node's context keeps the error-feedback residual)."""
+    from .compression import compress_update
+
+    options = config.federation.compression
+    if options.codec == "none":
+        return trained
+    residual = None
+    if options.error_feedback and RESIDUAL_KEY in context.state:
+        residual = record_to_arrays(context.state[RESIDUAL_KEY])
+    encoded, residual = compress_update(start, trained, options.codec, residual, options.block_size)
+    if options.error_feedback:
+        context.state[RESIDUAL_KEY] = arrays_to_record(residual)
+    return encoded
+
+
 client_app = ClientApp(mods=[dp_clipping_mod])
 
 
@@ -167,9 +184,11 @@ def client_train(msg: Message, context: Context) -> Message:
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
     )
     arrays, metrics = simulate_attack(config, data.client_id, server_round, start, arrays, metrics)
-    record = arrays_to_record(arrays)
     if local_only:
-        context.state[LOCAL_ADAPTER_KEY] = record
+        context.state[LOCAL_ADAPTER_KEY] = arrays_to_record(arrays)
+        record = context.state[LOCAL_ADAPTER_KEY]
+    else:
+        record = arrays_to_record(encode_upload(config, start, arrays, context))
     metrics.update({"num-examples": len(data.train), "client-id": data.client_id, "unit-weight": 1})
     return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -266,6 +266,18 @@ class AttackConfig(Section):
     update_scale: float = Field(1.0, gt=0, description="Send θ_t + scale·(θ_k − θ_t) instead of θ_k.")
 
 
+class CompressionConfig(Section):
+    """How clients encode their upload Δ_k = θ_k − θ_t (see fgrpo.compression for the wire format)."""
+
+    codec: Literal["none", "fp16", "bf16", "int8"] = Field(
+        "none", description="'fp16'/'bf16' halve the upload; 'int8' (block-wise absmax) cuts it ~4×."
+    )
+    error_feedback: bool = Field(
+        True, description="Each client keeps what rounding removed and adds it to its next upload (EF-SGD)."
+    )
+    block_size: int = Field(256, ge=8, le=65_536, description="Values per int8 scale (one float32 scale per block).")
+
+
 METHODS = ("fgrpo", "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reward_weighted", "centralized", "local")
 
 
@@ -286,8 +298,18 @@ class FederationConfig(Section):
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     dp: DPConfig = Field(default_factory=DPConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     fgrpo: FGRPOOptions = Field(default_factory=FGRPOOptions)
     server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig)
+
+    @model_validator(mode="after")
+    def _dp_needs_exact_updates(self) -> "FederationConfig":
+        if self.dp.enabled and self.compression.codec != "none":
+            raise ValueError(
+                f"dp.enabled with compression.codec = '{self.compression.codec}' is not supported: rounding after "
+                "the client clips can push an update past dp.clip_norm, which breaks the DP guarantee"
+            )
+        return self
 
 
 class OutputConfig(Section):

@@ -29,7 +29,8 @@ from .checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from .config import Config, dump_config
+from .compression import CompressionError, apply_delta, decode_delta
+from .config import CompressionConfig, Config, dump_config
 from .defense import norm_clip_factors, scale_update, screen_update, update_norm
 from .errors import ConfigError, FederationError
 from .model import arrays_nbytes
@@ -153,9 +154,17 @@ def _reply_arrays(reply: Message) -> dict[str, np.ndarray]:
 
 
 def screen_replies(
-    messages: list[Message], replies: list[Message], current: dict[str, np.ndarray], node_clients: dict[int, int]
+    messages: list[Message],
+    replies: list[Message],
+    current: dict[str, np.ndarray],
+    node_clients: dict[int, int],
+    compression: CompressionConfig | None = None,
 ) -> tuple[list[Message], list[Failure]]:
-    """Split a round's replies into usable ones and failures (no reply, error, broken metrics or arrays)."""
+    """Split a round's replies into usable ones and failures (no reply, error, broken metrics or arrays).
+
+    With a compression codec, each usable reply is decoded in place to θ_t + Δ̂,
+    so what follows (clipping, every strategy) sees ordinary float32 weights.
+    """
     ok: list[Message] = []
     failures: list[Failure] = []
     answered = {r.metadata.reply_to_message_id for r in replies}
@@ -188,7 +197,17 @@ def screen_replies(
         if metrics["num-examples"] <= 0:
             failures.append(Failure(node, client_id, f"reported num-examples = {metrics['num-examples']} (nothing trained)"))
             continue
-        problem = screen_update(current, _reply_arrays(reply))
+        arrays = _reply_arrays(reply)
+        if compression is not None and compression.codec != "none":
+            try:
+                arrays = apply_delta(current, decode_delta(arrays, current, compression.codec, compression.block_size))
+            except CompressionError as error:
+                failures.append(Failure(node, client_id, str(error)[:400]))
+                continue
+            from .app import arrays_to_record
+
+            reply.content[next(iter(content.array_records))] = arrays_to_record(arrays)
+        problem = screen_update(current, arrays)
         if problem is not None:
             failures.append(Failure(node, client_id, problem))
             continue
@@ -369,7 +388,8 @@ def run_federation(
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
             bytes_down = sum(_record_bytes(m) for m in messages)
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-            ok, failures = screen_replies(messages, replies, current, node_clients)
+            bytes_up = sum(_record_bytes(r) for r in replies if not r.has_error())  # as sent, before decoding
+            ok, failures = screen_replies(messages, replies, current, node_clients, fed.compression)
             ok, norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
             failures += rejected
             for failure in failures:
@@ -414,7 +434,7 @@ def run_federation(
                 **_privacy_spent(strategy),
                 **{
                     "comm/bytes_down": bytes_down,
-                    "comm/bytes_up": sum(_record_bytes(r) for r in replies if not r.has_error()),
+                    "comm/bytes_up": bytes_up,
                     "time/round_s": time.perf_counter() - round_start,
                     "clients/sampled": len(messages),
                     "clients/failed": len(failures),
