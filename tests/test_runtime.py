@@ -37,6 +37,14 @@ def test_fgrpo_run_writes_rounds_clients_weights_and_adapter(tmp_path):
     assert rounds[1]["comm/bytes_up"] > 0 and rounds[1]["comm/bytes_down"] == rounds[1]["comm/bytes_up"]
     assert summary["final/acc_heldout"] == rounds[-1]["global/acc_heldout"]
     assert (run_dir / "adapter" / "adapter_config.json").exists()
+    # The round's time splits into parts that are measured separately and cannot exceed it.
+    for r in rounds[1:]:
+        parts = [r["time/client_train_s"], r["time/aggregate_s"], r["time/eval_s"], r["time/wire_s"]]
+        assert all(p > 0 for p in parts) and sum(parts) <= r["time/round_s"]
+    train_s = {r["round"]: 0.0 for r in rounds[1:]}
+    for r in trained:
+        train_s[r["round"]] += r["client/train_s"]
+    assert [r["time/client_train_s"] for r in rounds[1:]] == pytest.approx(list(train_s.values()))
 
 
 def test_every_method_runs_two_rounds(tmp_path):

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from .client import ClientData, client_data, evaluate_arrays, local_round, pooled_data, round_seed
+from .client import ClientData, all_client_data, evaluate_arrays, local_round, pooled_data, round_seed
 from .config import Config
 from .learner import GRPOLearner
 from .pipeline import build_learner
@@ -68,7 +68,7 @@ def shared_learner(context: Context) -> GRPOLearner:
     return _shared_learner(str(context.run_config[CONFIG_KEY]))
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def _client_data(config_text: str, partition_id: int, num_partitions: int, data_path: str) -> ClientData:
     config = _config_from_text(config_text)
     if data_path:
@@ -79,7 +79,17 @@ def _client_data(config_text: str, partition_id: int, num_partitions: int, data_
         return file_client_data(config, partition_id, data_path)
     if config.federation.method == "centralized":
         return pooled_data(config)
-    return client_data(config, partition_id, num_partitions)
+    if not 0 <= partition_id < num_partitions:
+        from .errors import ConfigError
+
+        raise ConfigError(f"node config partition-id = {partition_id} must be in 0..{num_partitions - 1} (num-partitions)")
+    return _partitioned(config_text, num_partitions)[partition_id]
+
+
+@lru_cache(maxsize=2)
+def _partitioned(config_text: str, num_partitions: int) -> list[ClientData]:
+    """All partitions at once: in-process nodes share one partitioning (examples are shared, not copied)."""
+    return all_client_data(_config_from_text(config_text), num_partitions)
 
 
 def file_client_data(config: Config, partition_id: int, data_path: str) -> ClientData:

@@ -33,11 +33,18 @@ class ClientData:
 
 
 def client_data(config: Config, client_id: int, num_clients: int) -> ClientData:
-    """Partition the configured pool and keep client `client_id`'s share.
+    """Partition the configured pool and keep client `client_id`'s share (see `all_client_data`)."""
+    return all_client_data(config, num_clients)[client_id]
+
+
+def all_client_data(config: Config, num_clients: int) -> list[ClientData]:
+    """Every client's share of the configured pool, from one partitioning.
 
     Train and held-out sets are partitioned with the same scheme and seed, so a
     client's held-out split follows its own (non-IID) distribution, and the
     clients' held-out splits together are exactly the pooled held-out set.
+    One call builds all shares, so a process simulating 1,000 clients builds
+    the pool and partitions it once, not once per client.
     """
     train_pool, test_pool = build_task_pool(config.tasks)
     options = {"alpha": config.federation.partition.alpha}
@@ -46,11 +53,10 @@ def client_data(config: Config, client_id: int, num_clients: int) -> ClientData:
     by = config.tasks.partition_by
     train_parts = partition(partition_labels(train_pool, by), scheme, num_clients, seed, **options)
     test_parts = partition(partition_labels(test_pool, by), scheme, num_clients, seed, **options)
-    return ClientData(
-        client_id,
-        [train_pool[i] for i in train_parts[client_id]],
-        [test_pool[i] for i in test_parts[client_id]],
-    )
+    return [
+        ClientData(k, [train_pool[i] for i in train_parts[k]], [test_pool[i] for i in test_parts[k]])
+        for k in range(num_clients)
+    ]
 
 
 def partition_labels(examples: list[Example], by: str = "family") -> list[str]:

@@ -143,6 +143,7 @@ class InProcessGrid(Grid):
         self._replies: dict[str, Message] = {}
         self.traffic_log: list[TrafficEntry] = []
         self.late_replies = 0
+        self.wire_seconds = 0.0  # time spent serialising messages and contexts (what the wire costs in-process)
         self._set_task_identity()
 
     # ------------------------------------------------------------------ Grid API
@@ -244,12 +245,14 @@ class InProcessGrid(Grid):
         message_type = message.metadata.message_type
         if node_id not in self.contexts:
             return _error_reply(message, ErrorCode.NODE_UNAVAILABLE, f"no node with id {node_id} in this grid")
+        wire_start = time.perf_counter()
         delivered, down = wire_round_trip(message)
         delivered.metadata.delivered_at = str(time.time())
         self.traffic_log.append(TrafficEntry(server_round, node_id, DOWN, down, message_type))
 
         # As on a SuperNode, the context is only updated when the ClientApp succeeds.
         context = _copy_context(self.contexts[node_id])
+        self.wire_seconds += time.perf_counter() - wire_start
         TaskIdentity.node_id = node_id
         try:
             reply = self.client_app(delivered, context)
@@ -257,7 +260,9 @@ class InProcessGrid(Grid):
                 raise TypeError(f"ClientApp returned {type(reply).__name__}, expected a Message")
             if reply.metadata.reply_to_message_id != message.metadata.message_id:
                 raise ValueError("ClientApp's reply is not a reply to the message it got; use Message(content, reply_to=msg)")
+            wire_start = time.perf_counter()
             reply, up = wire_round_trip(reply)
+            self.wire_seconds += time.perf_counter() - wire_start
         except Exception as error:  # noqa: BLE001 - every ClientApp failure becomes an error reply
             reason = f"{type(error)}:<'{error}'>"
             logger.error("ClientApp on node %d (%s) raised: %s\n%s", node_id, message_type, reason, traceback.format_exc())

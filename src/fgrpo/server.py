@@ -387,8 +387,10 @@ def run_federation(
             current = record_to_arrays(arrays)
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
             bytes_down = sum(_record_bytes(m) for m in messages)
+            wire_before = getattr(grid, "wire_seconds", None)
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
             bytes_up = sum(_record_bytes(r) for r in replies if not r.has_error())  # as sent, before decoding
+            aggregate_start = time.perf_counter()
             ok, failures = screen_replies(messages, replies, current, node_clients, fed.compression)
             ok, norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
             failures += rejected
@@ -405,6 +407,8 @@ def run_federation(
             new_arrays, _ = strategy.aggregate_train(server_round, ok)
             if new_arrays is not None and method != "local":
                 arrays = new_arrays
+            aggregate_s = time.perf_counter() - aggregate_start
+            wire_s = None if wire_before is None else grid.wire_seconds - wire_before
             weights = _aggregation_weights(strategy, ok)
             for reply in ok:
                 m = reply.content["metrics"]
@@ -425,7 +429,9 @@ def run_federation(
                 if gain is not None:
                     record["agg/gain"] = gain
                 writer.write("client", round=server_round, client=cid, **record)
+            eval_start = time.perf_counter()
             evaluation = evaluate_round(server_round) if server_round % fed.eval_every == 0 or server_round == fed.rounds else {}
+            eval_s = time.perf_counter() - eval_start
             final_accuracy = evaluation.get("global/acc_heldout", final_accuracy)
             writer.write(
                 "round",
@@ -436,6 +442,10 @@ def run_federation(
                     "comm/bytes_down": bytes_down,
                     "comm/bytes_up": bytes_up,
                     "time/round_s": time.perf_counter() - round_start,
+                    "time/client_train_s": sum(float(r.content["metrics"]["train-time"]) for r in ok),
+                    "time/aggregate_s": aggregate_s,
+                    "time/eval_s": eval_s,
+                    **({} if wire_s is None else {"time/wire_s": wire_s}),
                     "clients/sampled": len(messages),
                     "clients/failed": len(failures),
                     "clients/aggregated": len(ok) if new_arrays is not None else 0,
