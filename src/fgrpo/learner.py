@@ -118,8 +118,9 @@ class GRPOLearner:
             with torch.inference_mode():
                 old_log_probs = completion_log_probs(self.model, rollouts, cfg.temperature).clone()
         ref_log_probs = self._reference_log_probs(rollouts).clone() if cfg.beta > 0 else None
-        # 5. optimise
-        self.model.train()
+        # 5. optimise (generation restored the mode it found; switching modes walks every module)
+        if not self.model.training:
+            self.model.train()
         totals: dict[str, float] = defaultdict(float)
         for _ in range(cfg.num_iterations):
             log_probs = completion_log_probs(self.model, rollouts, cfg.temperature)

@@ -42,7 +42,6 @@ def encode_prompts(
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
-@torch.no_grad()  # not inference_mode: the ids feed the autograd forward later
 def generate(
     model,
     tokenizer,
@@ -65,18 +64,20 @@ def generate(
     was_training = model.training
     model.eval()
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-    output = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=max_completion_length,
-        do_sample=not greedy,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-        **sampling,
-    )
+    with torch.inference_mode():  # no autograd bookkeeping at all while sampling
+        output = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_completion_length,
+            do_sample=not greedy,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            **sampling,
+        )
     model.train(was_training)
-    completion_ids = output[:, prompt_ids.size(1) :]  # (N, T), T <= max_completion_length
+    # A normal tensor again (an inference tensor cannot be saved for the backward of the loss forward).
+    completion_ids = output[:, prompt_ids.size(1) :].clone()  # (N, T), T <= max_completion_length
     completion_mask = completion_mask_after_eos(completion_ids, tokenizer.eos_token_id)
     # Tokens after the first EOS are padding; zero them so decoding ignores them.
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
