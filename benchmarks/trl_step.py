@@ -1,0 +1,268 @@
+"""Benchmark: fgrpo's local GRPO step vs TRL's GRPOTrainer step, same model and same work, in one process.
+
+    python benchmarks/trl_step.py [--steps 20] [--warmup 3] [--prompts 8] [--generations 8] [--length 16] [--threads K]
+
+What: completion tokens/s of one local GRPO step (sample G completions per prompt, reward, group advantages,
+clipped loss, backward, grad clip, AdamW step) for (a) `fgrpo.learner.GRPOLearner.step` and (b) `trl.GRPOTrainer`.
+Both start from the same weights (TRL trains a deep copy of fgrpo's LoRA-wrapped tiny Llama), see the same
+prompts in the same order, and use the same G, max_completion_length, temperature/top_p, loss settings (fgrpo's
+GRPOConfig: loss_type, beta, epsilon, scale_rewards, num_iterations, learning_rate, weight_decay, max_grad_norm)
+and the same reward (fgrpo's WeightedReward wrapped as a TRL reward function; the dataset carries its columns).
+
+Why: every fgrpo client runs its own GRPO step instead of a Trainer; this measures what that costs or saves
+against TRL, and checks that the two losses agree on identical tensors.
+
+TRL is set up so that one optimizer step does the same work as fgrpo's: per_device_train_batch_size = B*G,
+gradient_accumulation_steps = steps_per_generation = num_iterations = 1 (one generation per step, so TRL skips
+the old-policy forward), beta = 0 (fgrpo's default: no reference forward), constant LR, no eval, saving or
+logging. The task pool is shuffled once with --seed (mixed families per batch, as `fgrpo train` samples) and both
+sides walk it in the same order (TRL's shuffle_dataset off). Turned off because fgrpo does not do them: TRL's
+default gradient checkpointing (recomputes activations in backward) and its default bf16 autocast (both sides run
+the model in the dtype fgrpo loads: fp32 on CPU, bf16 weights with fp32 LoRA on CUDA). Left as TRL does them (its
+own cost or gain): the fused LM head that also computes every token's entropy (without Triton, i.e. on CPU, it
+scores all prompt+completion positions), per-step metrics with host syncs, and its default fused AdamW.
+
+Timing: fgrpo, the wall time of `learner.step`; TRL, on_step_begin -> on_step_end of a TrainerCallback (generation
+through optimizer step). Completion tokens count up to and including the first EOS on both sides (TRL's are
+counted in the reward function from `completion_ids`). Warm-up steps are excluded; medians are reported.
+On a busy machine pass --threads <= the idle cores: OpenMP threads sharing a loaded core can slow a step 100x.
+
+Loss check: on one batch of fgrpo rollouts, fgrpo's `grpo_loss` and TRL's `GRPOTrainer._compute_loss` (the trainer
+built here, its forward replaced by fgrpo's log-probs, as tests/test_grpo.py does) on identical tensors; prints the
+max |difference| of the loss and of the LoRA gradients and exits 1 above 1e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import transformers
+import trl
+from datasets import Dataset
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from trl import GRPOConfig as TRLConfig
+from trl import GRPOTrainer
+
+from fgrpo.config import Config
+from fgrpo.grpo import group_advantages, grpo_loss
+from fgrpo.learner import GRPOLearner
+from fgrpo.model import trainable_parameters
+from fgrpo.pipeline import build_reward, build_task_pool, load_policy
+from fgrpo.rewards import compute_rewards
+from fgrpo.rollout import completion_log_probs
+from fgrpo.tasks import Example
+
+TOLERANCE = 1e-5
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per side")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run first and excluded")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts B per step")
+    parser.add_argument("--generations", type=int, default=8, help="completions G per prompt")
+    parser.add_argument("--length", type=int, default=16, help="max_completion_length T")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def fgrpo_reward_for_trl(reward, token_counts: list[int]):
+    """fgrpo's reward (functions, weights, reward_scale) as a TRL reward function; records tokens per call."""
+
+    def fgrpo_reward(prompts, completions, answer, family, reward_scale, completion_ids, **kwargs):
+        token_counts.append(sum(len(ids) for ids in completion_ids))
+        examples = [Example(p, a, f, tuple(s)) for p, a, f, s in zip(prompts, answer, family, reward_scale)]
+        return compute_rewards(examples, completions, reward, completion_ids=completion_ids).rewards.tolist()
+
+    return fgrpo_reward
+
+
+class StepTimer(TrainerCallback):
+    """Seconds of each optimizer step (generation included) of a Trainer."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        sync()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sync()
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def build_trainer(model, tokenizer, grpo, batches, args, out_dir, reward_fn, timer) -> GRPOTrainer:
+    """TRL's GRPOTrainer doing fgrpo's step: B*G completions per optimizer step, same loss and sampling."""
+    rows = [{"prompt": ex.prompt, "answer": ex.answer, "family": ex.family, "reward_scale": list(ex.reward_scale)}
+            for batch in batches for ex in batch]
+    on_cuda = torch.cuda.is_available()
+    config = TRLConfig(
+        # one generation of B*G completions and one optimizer step per step
+        per_device_train_batch_size=args.prompts * args.generations, gradient_accumulation_steps=1,
+        steps_per_generation=1, num_iterations=grpo.num_iterations, max_steps=len(batches), shuffle_dataset=False,
+        # sampling
+        num_generations=grpo.num_generations, max_completion_length=grpo.max_completion_length,
+        temperature=grpo.temperature, top_p=grpo.top_p, top_k=0, seed=args.seed,
+        # loss and optimizer (fgrpo keeps its learning rate constant)
+        beta=grpo.beta, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, loss_type=grpo.loss_type,
+        scale_rewards=grpo.scale_rewards, learning_rate=grpo.learning_rate, weight_decay=grpo.weight_decay,
+        max_grad_norm=grpo.max_grad_norm, lr_scheduler_type="constant",
+        # what fgrpo does not do: activation recomputation, autocast, eval, saving, logging
+        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not on_cuda, dataloader_pin_memory=on_cuda,
+        output_dir=out_dir, report_to="none", logging_steps=10**9, save_strategy="no", eval_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)  # no end-of-training metrics dump
+    return trainer
+
+
+def run_fgrpo(learner: GRPOLearner, batches, num_completions: int, seed: int) -> list[tuple[float, float]]:
+    """(seconds, completion tokens) of each `learner.step`."""
+    torch.manual_seed(seed)
+    rows = []
+    for batch in batches:
+        sync()
+        start = time.perf_counter()
+        metrics = learner.step(batch)
+        sync()
+        rows.append((time.perf_counter() - start, metrics["train/completion_len"] * num_completions))
+    return rows
+
+
+def run_trl(trainer: GRPOTrainer, timer: StepTimer, token_counts: list[int]) -> list[tuple[float, float]]:
+    """(seconds, completion tokens) of each TRL optimizer step."""
+    trainer.train()
+    if len(timer.seconds) != len(token_counts):
+        raise RuntimeError(f"{len(timer.seconds)} timed TRL steps but {len(token_counts)} reward calls")
+    return list(zip(timer.seconds, map(float, token_counts)))
+
+
+def rollout_with_signal(learner: GRPOLearner, batches, grpo):
+    """fgrpo rollouts and advantages of the first batch where some group's rewards differ (else the last batch)."""
+    for batch in batches:
+        rollouts = learner.sample([ex.prompt for ex in batch], grpo.num_generations, grpo.max_completion_length,
+                                  grpo.temperature, grpo.top_p)
+        grouped = [ex for ex in batch for _ in range(grpo.num_generations)]
+        ids = [row[m.bool()].tolist() for row, m in zip(rollouts.completion_ids, rollouts.completion_mask)]
+        scored = compute_rewards(grouped, rollouts.completions, learner.reward, completion_ids=ids)
+        rewards = torch.as_tensor(scored.rewards, dtype=torch.float32, device=rollouts.completion_ids.device)
+        advantages = group_advantages(rewards, grpo.num_generations, grpo.scale_rewards)
+        if advantages.abs().max() > 0:
+            break
+    return rollouts, advantages
+
+
+def loss_check(learner: GRPOLearner, trainer: GRPOTrainer, batches, grpo) -> tuple[float, float, float, float]:
+    """|fgrpo - TRL| of the loss and LoRA grads on fgrpo rollouts; fgrpo's max |grad|; the forwards' |logp diff|."""
+    rollouts, advantages = rollout_with_signal(learner, batches, grpo)
+    mask = rollouts.completion_mask
+    learner.model.train()
+    log_probs = completion_log_probs(learner.model, rollouts, grpo.temperature)  # (N, T), with grad
+    ours = grpo_loss(log_probs, None, advantages, mask, epsilon_low=grpo.epsilon,
+                     epsilon_high=grpo.effective_epsilon_high, beta=grpo.beta, loss_type=grpo.loss_type,
+                     max_completion_length=grpo.max_completion_length).loss
+    params = list(trainable_parameters(learner.model).values())
+    our_grads = torch.autograd.grad(ours, params, retain_graph=True)
+    inputs = {"prompt_ids": rollouts.prompt_ids, "prompt_mask": rollouts.prompt_mask,
+              "completion_ids": rollouts.completion_ids, "completion_mask": mask,
+              "advantages": advantages, "num_items_in_batch": mask.sum()}
+    # TRL's own forward on the same tensors (its model is an untrained copy of fgrpo's), for information.
+    with torch.no_grad():
+        input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1)
+        attention = torch.cat([rollouts.prompt_mask, mask], 1)
+        trl_log_probs, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention, mask.size(1))
+    logp_diff = float(((trl_log_probs - log_probs.detach()) * mask).abs().max())
+    # TRL's loss on fgrpo's log-probs: replace the trainer's forward, as tests/test_grpo.py does.
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (log_probs, torch.zeros_like(log_probs), None)
+    trainer.current_gradient_accumulation_steps = 1  # what train() sets with gradient_accumulation_steps = 1
+    trainer.model.train()
+    try:
+        theirs = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    finally:
+        del trainer._get_per_token_logps_and_entropies
+        trainer._metrics["train"].clear()
+    their_grads = torch.autograd.grad(theirs, params)
+    grad_diff = max(float((a - b).abs().max()) for a, b in zip(our_grads, their_grads))
+    grad_max = max(float(g.abs().max()) for g in our_grads)
+    return float((ours - theirs).abs()), grad_diff, grad_max, logp_diff
+
+
+def medians(rows: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(step s, completion tokens/step, tokens/s), each the median over the measured steps."""
+    return (statistics.median(s for s, _ in rows), statistics.median(t for _, t in rows),
+            statistics.median(t / s for s, t in rows))
+
+
+def main() -> int:
+    args = parse_args()
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    config = Config.model_validate({
+        "grpo": {"num_generations": args.generations, "max_completion_length": args.length},
+        "tasks": {"train_per_family": 200, "test_per_family": 10},
+    })
+    grpo = config.grpo
+    train, _ = build_task_pool(config.tasks)
+    model, tokenizer = load_policy(config.model, config.tasks, seed=args.seed)
+    trl_model = copy.deepcopy(model)  # same LoRA weights, before fgrpo trains
+    reward = build_reward(config.tasks, grpo.max_completion_length)
+    learner = GRPOLearner(model, tokenizer, grpo, reward)
+    random.Random(args.seed).shuffle(train)  # mixed families (and prompt lengths) per batch, as `fgrpo train` samples
+    n = args.warmup + args.steps
+    batches = [[train[(i * args.prompts + j) % len(train)] for j in range(args.prompts)] for i in range(n)]
+    device = next(model.parameters()).device
+    print(f"device={device} threads={threads} B={args.prompts} G={args.generations} T={args.length} "
+          f"steps={args.steps} warmup={args.warmup} torch={torch.__version__} "
+          f"transformers={transformers.__version__} trl={trl.__version__}")
+
+    token_counts: list[int] = []
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = build_trainer(trl_model, tokenizer, grpo, batches, args, out_dir,
+                                fgrpo_reward_for_trl(reward, token_counts), timer)
+        loss_diff, grad_diff, grad_max, logp_diff = loss_check(learner, trainer, batches, grpo)
+        torch.set_num_threads(threads)
+        fgrpo_rows = run_fgrpo(learner, batches, args.prompts * args.generations, args.seed)
+        torch.set_num_threads(threads)
+        trl_rows = run_trl(trainer, timer, token_counts)
+    if torch.get_num_threads() != threads:
+        print(f"warning: torch threads changed to {torch.get_num_threads()} during the run")
+
+    ours, theirs = medians(fgrpo_rows[args.warmup:]), medians(trl_rows[args.warmup:])
+    print(f"{'median per step':<26}{'fgrpo':>12}{'TRL':>12}")
+    for i, name in enumerate(("step time (s)", "completion tokens/step", "completion tokens/s")):
+        print(f"{name:<26}{ours[i]:>12.4g}{theirs[i]:>12.4g}")
+    print(f"info: TRL's own forward (fused LM head) vs fgrpo's, same weights and tokens: "
+          f"max |logp diff| = {logp_diff:.1e}")
+    print(f"loss check: |fgrpo - TRL| = {loss_diff:.1e} (loss), {grad_diff:.1e} (max grad; "
+          f"fgrpo's max |grad| = {grad_max:.1e})")
+    print(f"ratio: fgrpo / TRL completion tokens/s = {ours[2] / theirs[2]:.2f}x "
+          f"(median of {args.steps} steps each, {args.warmup} warm-up excluded)")
+    return 0 if max(loss_diff, grad_diff) <= TOLERANCE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
