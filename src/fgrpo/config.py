@@ -182,6 +182,9 @@ class GRPOConfig(Section):
     learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate of the policy.")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    share_prompt_prefix: bool = Field(
+        True, description="Score each prompt once for its G completions (KV cache); off = one full pass per row."
+    )
 
     @property
     def effective_epsilon_high(self) -> float:

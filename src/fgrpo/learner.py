@@ -59,13 +59,21 @@ class GRPOLearner:
             import copy
 
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        # Sharing a prompt's pass across its G completions needs a KV cache in the
+        # training forward, which gradient checkpointing turns off.
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        self.share_prompts = grpo.share_prompt_prefix and not checkpointing
         self.optimizer: torch.optim.Optimizer | None = None
         self.reset_optimizer()
 
     def reset_optimizer(self) -> None:
         """Fresh AdamW state (clients start each round from the global weights)."""
         params = list(trainable_parameters(self.model).values())
-        self.optimizer = torch.optim.AdamW(params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+        options = {"lr": self.config.learning_rate, "weight_decay": self.config.weight_decay}
+        try:  # one fused kernel for all tensors (4x faster than the per-tensor loop on LoRA-sized params)
+            self.optimizer = torch.optim.AdamW(params, fused=True, **options)
+        except (RuntimeError, ValueError):  # a device or dtype without a fused AdamW
+            self.optimizer = torch.optim.AdamW(params, **options)
 
     def sample(
         self,
@@ -92,9 +100,9 @@ class GRPOLearner:
     @torch.inference_mode()
     def _reference_log_probs(self, rollouts) -> torch.Tensor:
         if self.reference is not None:
-            return completion_log_probs(self.reference, rollouts, self.config.temperature)
+            return completion_log_probs(self.reference, rollouts, self.config.temperature, self.share_prompts)
         with self.model.disable_adapter():
-            return completion_log_probs(self.model, rollouts, self.config.temperature)
+            return completion_log_probs(self.model, rollouts, self.config.temperature, self.share_prompts)
 
     def step(self, examples: list[Example], proximal: ProximalTerm | None = None) -> dict[str, float]:
         """One GRPO step on a batch of prompts; returns metrics (train/… names)."""
@@ -116,14 +124,14 @@ class GRPOLearner:
         old_log_probs = None
         if cfg.num_iterations > 1:
             with torch.inference_mode():
-                old_log_probs = completion_log_probs(self.model, rollouts, cfg.temperature).clone()
+                old_log_probs = completion_log_probs(self.model, rollouts, cfg.temperature, self.share_prompts).clone()
         ref_log_probs = self._reference_log_probs(rollouts).clone() if cfg.beta > 0 else None
         # 5. optimise (generation restored the mode it found; switching modes walks every module)
         if not self.model.training:
             self.model.train()
         totals: dict[str, float] = defaultdict(float)
         for _ in range(cfg.num_iterations):
-            log_probs = completion_log_probs(self.model, rollouts, cfg.temperature)
+            log_probs = completion_log_probs(self.model, rollouts, cfg.temperature, self.share_prompts)
             out = grpo_loss(
                 log_probs,
                 old_log_probs,

@@ -7,6 +7,8 @@ sampled from.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ class Rollouts:
     completion_ids: torch.Tensor  # (N, T)
     completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
     completions: list[str]  # N decoded completions, EOS and padding stripped
+    num_generations: int = 1  # G: rows k·G … k·G+G−1 share one prompt (lets scoring run the prompt once)
 
     @property
     def num_completion_tokens(self) -> int:
@@ -52,19 +55,25 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     add_special_tokens: bool = True,
+    share_prompts: bool = True,
 ) -> Rollouts:
     """Sample `num_generations` completions for every prompt (greedy: argmax decoding).
 
     This is the rollout interface every backend implements (see `vllm_backend`).
+    With `share_prompts`, each prompt is prefilled once and its KV cache repeated
+    for its G samples (`prefill_shared_prompts`) instead of prefilled G times.
     """
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, add_special_tokens)
-    prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # (B*G, P)
-    prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+    unique_ids, unique_mask = encode_prompts(tokenizer, prompts, device, add_special_tokens)  # (B, P)
+    prompt_ids = unique_ids.repeat_interleave(num_generations, dim=0)  # (B*G, P)
+    prompt_mask = unique_mask.repeat_interleave(num_generations, dim=0)
     was_training = model.training
     model.eval()
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
     with torch.inference_mode():  # no autograd bookkeeping at all while sampling
+        prefilled = {}
+        if share_prompts and num_generations > 1 and unique_ids.size(1) > 1:
+            prefilled = {cache_argument(model): prefill_shared_prompts(model, unique_ids, unique_mask, num_generations)}
         output = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
@@ -74,6 +83,7 @@ def generate(
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
             **sampling,
+            **prefilled,
         )
     model.train(was_training)
     # A normal tensor again (an inference tensor cannot be saved for the backward of the loss forward).
@@ -82,11 +92,46 @@ def generate(
     # Tokens after the first EOS are padding; zero them so decoding ignores them.
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, completions)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, completions, num_generations)
 
 
-def completion_log_probs(model, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:  # (N, T)
-    """Per-token log-probs of the completions under `model` (grad flows if enabled)."""
+def prefill_shared_prompts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: int):
+    """KV cache of every prompt but its last token, run once per prompt and repeated G times: (B, P) -> cache (B*G, P−1).
+
+    `generate` sees the cache covers P−1 of the P prompt tokens and runs only the
+    last one, so sampling starts from the same state as a full prefill of B*G rows.
+    """
+    head_ids, head_mask = prompt_ids[:, :-1], prompt_mask[:, :-1]  # (B, P−1); left padding keeps real tokens last
+    out = model(
+        input_ids=head_ids,
+        attention_mask=head_mask,
+        position_ids=(head_mask.long().cumsum(-1) - 1).clamp(min=0),
+        logits_to_keep=1,
+        use_cache=True,
+    )
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(group)
+    return cache
+
+
+def completion_log_probs(
+    model, rollouts: Rollouts, temperature: float = 1.0, share_prompts: bool = True
+) -> torch.Tensor:  # (N, T)
+    """Per-token log-probs of the completions under `model` (grad flows if enabled).
+
+    With G > 1 completions per prompt the prompt is run once, not G times
+    (`shared_prompt_logits`); `share_prompts=False` runs all N rows in full
+    (needed under gradient checkpointing, which cannot use a KV cache while training).
+    """
+    if share_prompts and rollouts.num_generations > 1:
+        logits = shared_prompt_logits(model, rollouts)
+    else:
+        logits = full_logits(model, rollouts)
+    return token_log_probs(logits, rollouts.completion_ids, temperature)
+
+
+def full_logits(model, rollouts: Rollouts) -> torch.Tensor:  # (N, T, V)
+    """Logits that predict each completion token, from one forward over prompt + completion."""
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)  # (N, P+T)
     attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
     # Same position ids as generate() derives from the left-padded mask.
@@ -99,5 +144,48 @@ def completion_log_probs(model, rollouts: Rollouts, temperature: float = 1.0) ->
         logits_to_keep=num_completion + 1,
         use_cache=False,
     ).logits  # (N, T+1, V)
-    logits = logits[:, :-1, :]  # position i predicts completion token i
-    return token_log_probs(logits, rollouts.completion_ids, temperature)
+    return logits[:, :-1, :]  # position i predicts completion token i
+
+
+def shared_prompt_logits(model, rollouts: Rollouts) -> torch.Tensor:  # (N, T, V)
+    """The same logits as `full_logits`, running each of the B = N/G prompts once.
+
+    The prompt pass fills a KV cache for B rows; the cache is repeated G times
+    and the completions attend to it. Gradients flow back through the repeated
+    cache into the single prompt pass, so the loss and its gradient are those of
+    the full forward (up to float rounding), at B·P + N·T tokens instead of N·(P+T).
+    """
+    group = rollouts.num_generations
+    prompt_ids, prompt_mask = rollouts.prompt_ids[::group], rollouts.prompt_mask[::group]  # (B, P)
+    prompt_out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0),
+        logits_to_keep=1,  # left padding: the last position is every prompt's last token
+        use_cache=True,
+    )
+    cache = getattr(prompt_out, "cache", None) or prompt_out.past_key_values
+    cache.batch_repeat_interleave(group)  # (B, …) -> (N, …), row k·G+j is prompt k
+    first = prompt_out.logits[:, -1:, :].repeat_interleave(group, dim=0)  # (N, 1, V) predicts completion token 0
+    attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)  # (N, P+T)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_ids.size(1) :]  # (N, T)
+    rest = model(
+        input_ids=rollouts.completion_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **{cache_argument(model): cache},
+    ).logits  # (N, T, V)
+    return torch.cat([first, rest[:, :-1, :]], dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _forward_takes_cache(forward_type: type) -> bool:
+    return "cache" in inspect.signature(forward_type.forward).parameters
+
+
+def cache_argument(model) -> str:
+    """The forward's KV-cache keyword: 'cache' in recent transformers, 'past_key_values' before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if _forward_takes_cache(type(base)) else "past_key_values"
+

@@ -111,5 +111,6 @@ class VLLMGenerator:
         completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return Rollouts(
-            torch.tensor(rows, device=device), torch.tensor(masks, device=device), completion_ids, completion_mask, texts
+            torch.tensor(rows, device=device), torch.tensor(masks, device=device), completion_ids, completion_mask, texts,
+            num_generations,
         )
