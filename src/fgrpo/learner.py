@@ -95,6 +95,7 @@ class GRPOLearner:
             top_p=top_p,
             greedy=greedy,
             add_special_tokens=self.prompt_format.add_special_tokens,
+            share_prompts=self.config.share_prompt_prefix,
         )
 
     @torch.inference_mode()

@@ -79,6 +79,7 @@ class VLLMGenerator:
         top_p: float = 1.0,
         greedy: bool = False,
         add_special_tokens: bool = True,
+        share_prompts: bool = True,  # vLLM shares prompt prefixes itself (prefix caching)
     ) -> Rollouts:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
