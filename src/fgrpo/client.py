@@ -132,7 +132,8 @@ def local_round(
         "completion-len": float(np.mean([s["train/completion_len"] for s in steps])),
         "train-time": float(sum(s["train/step_s"] for s in steps)),
     }
-    return get_trainable_arrays(model), metrics
+    # Views, not copies: the ClientApp serialises them into its reply before this model trains again.
+    return get_trainable_arrays(model, copy=False), metrics
 
 
 def evaluate_arrays(

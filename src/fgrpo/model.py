@@ -225,11 +225,17 @@ def trainable_parameters(model) -> "OrderedDict[str, torch.nn.Parameter]":
     return OrderedDict((name, p) for name, p in model.named_parameters() if p.requires_grad)
 
 
-def get_trainable_arrays(model) -> "OrderedDict[str, np.ndarray]":
-    """Copy the trainable weights out as float32 numpy arrays (adapter only with LoRA)."""
-    return OrderedDict(
-        (name, p.detach().to("cpu", torch.float32).numpy().copy()) for name, p in trainable_parameters(model).items()
-    )
+def get_trainable_arrays(model, copy: bool = True) -> "OrderedDict[str, np.ndarray]":
+    """The trainable weights as float32 numpy arrays (adapter only with LoRA).
+
+    `copy=False` returns views of float32 CPU parameters (no copy): only for a
+    caller that serialises them before the model trains again.
+    """
+    arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, param in trainable_parameters(model).items():
+        value = param.detach().to("cpu", torch.float32).numpy()  # a view when already float32 on CPU
+        arrays[name] = value.copy() if copy else value
+    return arrays
 
 
 def set_trainable_arrays(model, arrays: dict[str, np.ndarray]) -> None:
