@@ -186,3 +186,18 @@ def test_token_log_probs_applies_temperature():
     assert token_log_probs(logits, ids, temperature=2.0).item() == pytest.approx(
         torch.log_softmax(logits / 2, -1)[0, 0, 0].item()
     )
+
+
+def test_token_log_probs_in_chunks_equal_log_softmax_with_gradients(monkeypatch):
+    import fgrpo.grpo as grpo
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (5, 3))
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    monkeypatch.setattr(grpo, "LOG_PROB_CHUNK_ELEMENTS", 2 * 3 * 11)  # 2 sequences per chunk: 3 chunks
+    ours = token_log_probs(logits, ids, temperature=0.7)
+    (grad,) = torch.autograd.grad(ours.sum(), logits)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(grad, expected_grad)

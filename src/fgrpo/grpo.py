@@ -57,6 +57,10 @@ def group_advantages(
     return advantages
 
 
+# Elements of float32 logits converted at a time in `token_log_probs` (64 MB).
+LOG_PROB_CHUNK_ELEMENTS = 2**24
+
+
 def token_log_probs(
     logits: torch.Tensor,  # (N, T, V) logits that predict each completion token
     token_ids: torch.Tensor,  # (N, T)
@@ -66,10 +70,21 @@ def token_log_probs(
 
     The logits are divided by the sampling temperature, as TRL does, so that the
     ratio compares the distribution the tokens were actually drawn from.
+
+    log p = z_token − logsumexp(z), computed a chunk of sequences at a time:
+    no (N, T, V) log-softmax is ever built, and at most LOG_PROB_CHUNK_ELEMENTS
+    of float32 logits exist at once beyond what autograd keeps. With a 150k-token
+    vocabulary those copies are the largest tensors of a step (TRL's
+    `selective_log_softmax` avoids them the same way). Small vocabularies run in one chunk.
     """
-    logits = logits.float() / temperature
-    # log_softmax + gather; a (N, T, V) float copy is fine at these sizes.
-    return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    num_rows, length, vocab = logits.shape
+    rows_per_chunk = max(1, LOG_PROB_CHUNK_ELEMENTS // max(1, length * vocab))
+    chunks = []
+    for start in range(0, num_rows, rows_per_chunk):
+        chunk = logits[start : start + rows_per_chunk].float() / temperature  # (n, T, V)
+        ids = token_ids[start : start + rows_per_chunk].unsqueeze(-1)  # (n, T, 1)
+        chunks.append(chunk.gather(-1, ids).squeeze(-1) - torch.logsumexp(chunk, dim=-1))  # (n, T)
+    return torch.cat(chunks, dim=0)
 
 
 def completion_mask_after_eos(
