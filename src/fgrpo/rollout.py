@@ -95,23 +95,36 @@ def generate(
     return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, completions, num_generations)
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:  # (rows, L) -> (rows, L)
+    """Position ids of a left-padded layout: 0 at each row's first real token (what `generate` derives)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: int):
+    """Run B prompts once and repeat their KV cache G times: (B, P) -> (last logits (B, 1, V), cache of B*G rows).
+
+    Row k·G+j of the cache is prompt k, the layout of `Rollouts`. Under autograd the
+    repeat is differentiable, so gradients of all G rows flow into the one prompt pass.
+    """
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions_from_mask(prompt_mask),
+        logits_to_keep=1,  # left padding: the last position is every prompt's last token
+        use_cache=True,
+    )
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(group)
+    return out.logits, cache
+
+
 def prefill_shared_prompts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: int):
     """KV cache of every prompt but its last token, run once per prompt and repeated G times: (B, P) -> cache (B*G, P−1).
 
     `generate` sees the cache covers P−1 of the P prompt tokens and runs only the
     last one, so sampling starts from the same state as a full prefill of B*G rows.
     """
-    head_ids, head_mask = prompt_ids[:, :-1], prompt_mask[:, :-1]  # (B, P−1); left padding keeps real tokens last
-    out = model(
-        input_ids=head_ids,
-        attention_mask=head_mask,
-        position_ids=(head_mask.long().cumsum(-1) - 1).clamp(min=0),
-        logits_to_keep=1,
-        use_cache=True,
-    )
-    cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_repeat_interleave(group)
-    return cache
+    return shared_prompt_cache(model, prompt_ids[:, :-1], prompt_mask[:, :-1], group)[1]
 
 
 def completion_log_probs(
@@ -134,8 +147,7 @@ def full_logits(model, rollouts: Rollouts) -> torch.Tensor:  # (N, T, V)
     """Logits that predict each completion token, from one forward over prompt + completion."""
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)  # (N, P+T)
     attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
-    # Same position ids as generate() derives from the left-padded mask.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = positions_from_mask(attention_mask)
     num_completion = rollouts.completion_ids.size(1)
     logits = model(
         input_ids=input_ids,
@@ -157,18 +169,10 @@ def shared_prompt_logits(model, rollouts: Rollouts) -> torch.Tensor:  # (N, T, V
     """
     group = rollouts.num_generations
     prompt_ids, prompt_mask = rollouts.prompt_ids[::group], rollouts.prompt_mask[::group]  # (B, P)
-    prompt_out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0),
-        logits_to_keep=1,  # left padding: the last position is every prompt's last token
-        use_cache=True,
-    )
-    cache = getattr(prompt_out, "cache", None) or prompt_out.past_key_values
-    cache.batch_repeat_interleave(group)  # (B, …) -> (N, …), row k·G+j is prompt k
-    first = prompt_out.logits[:, -1:, :].repeat_interleave(group, dim=0)  # (N, 1, V) predicts completion token 0
+    last_logits, cache = shared_prompt_cache(model, prompt_ids, prompt_mask, group)
+    first = last_logits.repeat_interleave(group, dim=0)  # (N, 1, V) predicts completion token 0
     attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)  # (N, P+T)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_ids.size(1) :]  # (N, T)
+    position_ids = positions_from_mask(attention_mask)[:, prompt_ids.size(1) :]  # (N, T)
     rest = model(
         input_ids=rollouts.completion_ids,
         attention_mask=attention_mask,
@@ -188,4 +192,3 @@ def cache_argument(model) -> str:
     """The forward's KV-cache keyword: 'cache' in recent transformers, 'past_key_values' before."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if _forward_takes_cache(type(base)) else "past_key_values"
-

@@ -165,6 +165,8 @@ def screen_replies(
     With a compression codec, each usable reply is decoded in place to θ_t + Δ̂,
     so what follows (clipping, every strategy) sees ordinary float32 weights.
     """
+    from .app import arrays_to_record  # app imports this module
+
     ok: list[Message] = []
     failures: list[Failure] = []
     answered = {r.metadata.reply_to_message_id for r in replies}
@@ -204,8 +206,6 @@ def screen_replies(
             except CompressionError as error:
                 failures.append(Failure(node, client_id, str(error)[:400]))
                 continue
-            from .app import arrays_to_record
-
             reply.content[next(iter(content.array_records))] = arrays_to_record(arrays)
         problem = screen_update(current, arrays)
         if problem is not None:
