@@ -254,3 +254,20 @@ def test_random_reports_give_finite_weights_summing_to_one_and_a_finite_model(re
         assert np.all(np.isfinite(weights)) and np.all(weights >= 0)
         assert weights.sum() == pytest.approx(1.0)
         assert all(np.all(np.isfinite(a.numpy())) for a in new.values())
+
+
+def test_a_round_zero_that_fails_on_every_client_keeps_nothing_and_advises_no_resume(tmp_path):
+    from conftest import small_config_dict
+
+    config = config_from_dict(small_config_dict(tmp_path))
+    app = ClientApp()
+    app.train()(client_train)
+
+    @app.evaluate()
+    def broken(msg: Message, context: Context) -> Message:
+        raise ValueError("data.jsonl line 3: invalid JSON")
+
+    with pytest.raises(FederationError, match=r"round 0: no client could evaluate.*2 nodes.*line 3") as info:
+        run_with(app, config, tmp_path / "run")
+    assert "--resume" not in str(info.value)
+    assert not (tmp_path / "run").exists()  # no checkpoint of a failed round, nothing to resume into

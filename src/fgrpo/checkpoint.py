@@ -145,6 +145,10 @@ def save_checkpoint(run_dir: Path, state: ServerState) -> Path:
     return path
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    return (Path(run_dir) / CHECKPOINT_NAME).is_file()
+
+
 def load_checkpoint(run_dir: Path) -> ServerState:
     """The last complete checkpoint in RUN_DIR, or a clear error saying why there is none."""
     path = Path(run_dir) / CHECKPOINT_NAME

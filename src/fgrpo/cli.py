@@ -29,7 +29,7 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except FgrpoError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped
             raise typer.Exit(2) from None
 
     return wrapper
@@ -313,19 +313,27 @@ def flower_launch(
 ):
     """Start a SuperLink and one SuperNode per client on 127.0.0.1, `flwr run` the config, stop them all."""
     from .deploy import LocalFederation, flower_app_dir
+    from .checkpoint import has_checkpoint
     from .results import prepare_run_dir
     from .runtime import node_configs
 
     cfg = _load(config, set_values, output)
     app = flower_app_dir(app_dir)
-    prepare_run_dir(output)  # refuse a non-empty results directory before starting anything
+    # Refuse a non-empty or foreign results directory before starting anything; the
+    # ServerApp then writes into the marked, empty folder.
+    directory = prepare_run_dir(output)
     from .pipeline import resolve_model_source
 
     resolve_model_source(cfg.model, cfg.tasks)  # build the tiny model's warm start once, not in every ClientApp
     work = work_dir or output.parent / f"{output.name}-flower"
-    with LocalFederation(node_configs(cfg), work, tls=tls, supernode_auth=auth) as federation:
-        console.print(f"SuperLink on {federation.address}, {len(federation.node_configs)} SuperNodes; logs in {work}")
-        wall = federation.run(cfg, output, app, timeout_s=timeout)
+    try:
+        with LocalFederation(node_configs(cfg), work, tls=tls, supernode_auth=auth) as federation:
+            console.print(f"SuperLink on {federation.address}, {len(federation.node_configs)} SuperNodes; logs in {work}")
+            wall = federation.run(cfg, output, app, timeout_s=timeout)
+    except BaseException:
+        if not has_checkpoint(output):  # the run never started cleanly: leave no half-made folder behind
+            directory.abandon()
+        raise
     console.print(f"Flower run done in {wall:.0f} s; results in {output}")
 
 

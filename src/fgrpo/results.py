@@ -1,4 +1,14 @@
-"""The results directory every run writes (see docs/results-format.md)."""
+"""The results directory every run writes (see docs/results-format.md).
+
+A results directory is fgrpo's only while it carries the marker file
+`.fgrpo-run`, written when fgrpo creates it. `--overwrite` replaces only such a
+directory, and never the current directory, one of its parents or the home
+directory. The previous run is moved aside (not deleted) until the new one has
+started cleanly — its config validated and its first round (round 0's
+evaluation) done — and put back if the new run fails before that, so a typo in
+a config never costs a finished run. A failed start removes what it created,
+so the retry needs no `--overwrite`.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +16,139 @@ import json
 import math
 import os
 import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import Config, dump_config
 from .errors import ConfigError
 
+MARKER_NAME = ".fgrpo-run"
 
-def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create RUN_DIR; an existing non-empty one is refused unless --overwrite or --resume."""
+
+def _marker_text(kind: str) -> str:
+    from . import __version__
+
+    return json.dumps({"created_by": "fgrpo", "kind": kind, "version": __version__}) + "\n"
+
+
+def is_fgrpo_dir(path: Path) -> bool:
+    """True when fgrpo created `path` (its marker file is there and says so)."""
+    marker = Path(path) / MARKER_NAME
+    try:
+        return marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("created_by") == "fgrpo"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _contents(path: Path) -> list[Path]:
+    """What a directory holds besides fgrpo's marker."""
+    return [p for p in path.iterdir() if p.name != MARKER_NAME]
+
+
+def _refuse_protected(path: Path) -> None:
+    """A results directory is a folder of its own: never the current directory, a parent of it, home or /."""
+    resolved = path.resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        where = "the current directory" if resolved == cwd else "a parent of the current directory"
+        raise ConfigError(
+            f"output directory '{path}' is {where}; results need a folder of their own, e.g. -o runs/my-run "
+            "(output.dir must not be empty or '.')"
+        )
+    if resolved == home or resolved in home.parents:
+        raise ConfigError(f"output directory '{path}' is your home directory or above it; use e.g. -o runs/my-run")
+
+
+@dataclass
+class RunDirectory:
+    """A results directory being (re)created: where the run writes, and the previous run kept until `commit`."""
+
+    path: Path
+    backup: Path | None = None  # the replaced run, moved aside until the new one has started cleanly
+    created: bool = False  # fgrpo made the folder itself (rather than using an existing empty one)
+    committed: bool = False
+
+    def commit(self) -> None:
+        """The new run started cleanly: the replaced one (an fgrpo directory, by its marker) goes."""
+        if self.committed:
+            return
+        self.committed = True
+        if self.backup is not None and is_fgrpo_dir(self.backup):
+            shutil.rmtree(self.backup)
+        self.backup = None
+
+    def abandon(self) -> None:
+        """The new run failed before starting cleanly: remove what it wrote, put the replaced run back."""
+        if self.committed:
+            return
+        if self.path.is_dir() and is_fgrpo_dir(self.path):
+            if self.created:
+                shutil.rmtree(self.path)
+            else:  # the user's empty folder: empty it again, keep it
+                for child in self.path.iterdir():
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if self.backup is not None:
+            os.replace(self.backup, self.path)
+            self.backup = None
+
+
+def _backup_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.fgrpo-replaced"
+
+
+def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False, kind: str = "run") -> RunDirectory:
+    """Make PATH ready for a run; see the module docstring for what is refused and what is kept."""
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not resume:
+    if str(path) == "":
+        path = Path(".")
+    _refuse_protected(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory '{path}' is an existing file, not a directory; choose another -o")
+    if resume:
+        if not path.is_dir():
+            raise ConfigError(f"cannot resume '{path}': no such results directory")
+        return RunDirectory(path, committed=True)
+    backup = _backup_path(path)
+    if backup.exists():
+        raise ConfigError(
+            f"'{backup}' holds a run that an interrupted --overwrite moved aside; move it back to '{path}' "
+            "or delete it, then run again"
+        )
+    if path.is_dir() and _contents(path):
         if not overwrite:
             raise ConfigError(
                 f"results directory '{path}' already exists and is not empty; "
                 "pass --overwrite to replace it, --resume to continue it, or set output.dir elsewhere"
             )
-        shutil.rmtree(path)
+        if not is_fgrpo_dir(path):
+            raise ConfigError(
+                f"refusing to overwrite '{path}': fgrpo did not create it (no {MARKER_NAME} marker), and fgrpo "
+                "deletes only its own results directories; choose another -o"
+            )
+        os.replace(path, backup)
+        run = RunDirectory(path, backup=backup)
+    else:
+        run = RunDirectory(path)
+    run.created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    (path / MARKER_NAME).write_text(_marker_text(kind), encoding="utf-8")
+    return run
+
+
+@contextmanager
+def run_directory(
+    path: str | Path, *, overwrite: bool = False, resume: bool = False, kind: str = "run"
+) -> Iterator[RunDirectory]:
+    """`prepare_run_dir`, then `abandon` on an error before `commit`, and `commit` on success."""
+    run = prepare_run_dir(path, overwrite=overwrite, resume=resume, kind=kind)
+    try:
+        yield run
+    except BaseException:
+        run.abandon()
+        raise
+    run.commit()
 
 
 def write_config(run_dir: Path, config: Config) -> None:

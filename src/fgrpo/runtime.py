@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import Config, dump_config
 from .errors import ConfigError
+from .results import run_directory
 
 
 def node_configs(config: Config) -> list[dict]:
@@ -60,16 +61,16 @@ def run_comparison(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"comparison directory '{out_dir}' already exists; pass --overwrite to replace it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.json").write_text(
-        json.dumps({"methods": methods, "seeds": seeds, "scenario": config.output.dir}, indent=2)
-    )
-    summaries = []
-    for method in methods:
-        for seed in seeds:
-            cell = with_method(config, method, seed, out_dir / method / f"seed{seed}")
-            summaries.append(run_simulation(cell, overwrite=True, progress=progress))
+    # An earlier comparison in out_dir is replaced whole (no stale method rows),
+    # and only once the first cell of this one has finished.
+    with run_directory(out_dir, overwrite=overwrite, kind="comparison") as directory:
+        (directory.path / "compare.json").write_text(
+            json.dumps({"methods": methods, "seeds": seeds, "scenario": config.output.dir}, indent=2)
+        )
+        summaries = []
+        for method in methods:
+            for seed in seeds:
+                cell = with_method(config, method, seed, directory.path / method / f"seed{seed}")
+                summaries.append(run_simulation(cell, progress=progress))
+                directory.commit()
     return summaries

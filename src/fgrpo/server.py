@@ -34,7 +34,7 @@ from .config import CompressionConfig, Config, dump_config
 from .defense import norm_clip_factors, scale_update, screen_update, update_norm
 from .errors import ConfigError, FederationError
 from .model import arrays_nbytes
-from .results import MetricsWriter, prepare_run_dir, write_config, write_summary
+from .results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
 from .strategies import make_strategy
 
 # Methods that are run modes of the same code rather than Flower strategies.
@@ -146,6 +146,19 @@ class Failure(NamedTuple):
     node_id: int
     client_id: int | None
     reason: str
+
+
+def summarize_failures(failures: list[Failure], limit: int = 600) -> str:
+    """One line for many failures: identical reasons are said once, with the nodes that gave them."""
+    by_reason: dict[str, list[int]] = {}
+    for failure in failures:
+        by_reason.setdefault(failure.reason, []).append(failure.node_id)
+    parts = []
+    for reason, nodes in by_reason.items():
+        who = f"node {nodes[0]}" if len(nodes) == 1 else f"{len(nodes)} nodes ({', '.join(map(str, nodes[:3]))}{', …' if len(nodes) > 3 else ''})"
+        parts.append(f"{who}: {reason}")
+    text = "; ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _reply_arrays(reply: Message) -> dict[str, np.ndarray]:
@@ -304,15 +317,25 @@ def _resume_state(run_dir: Path, config: Config) -> ServerState:
 def run_federation(
     grid: Grid, config: Config, run_dir: Path, *, progress: bool = True, overwrite: bool = False, resume: bool = False
 ) -> dict:
-    """Run `config.federation.rounds` rounds on `grid`; write RUN_DIR; return the summary."""
+    """Run `config.federation.rounds` rounds on `grid`; write RUN_DIR; return the summary.
+
+    With --overwrite, a previous run in RUN_DIR is replaced only once this one
+    has started cleanly (round 0 evaluated and checkpointed); a failed start
+    removes what it wrote and puts the previous run back.
+    """
+    state = _resume_state(Path(run_dir), config) if resume else None
+    with run_directory(run_dir, overwrite=overwrite, resume=resume) as directory:
+        return _run_rounds(grid, config, directory, state, progress)
+
+
+def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: ServerState | None, progress: bool) -> dict:
     from .app import _shared_learner, arrays_to_record, record_to_arrays
     from .model import get_trainable_arrays
 
     fed = config.federation
     method = fed.method
     seed = config.training.seed
-    state = _resume_state(Path(run_dir), config) if resume else None
-    run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    run_dir = directory.path
     write_config(run_dir, config)
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
@@ -365,9 +388,14 @@ def run_federation(
 
         def evaluate_round(server_round: int) -> dict[str, float]:
             messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid)
-            replies = [
-                r for r in grid.send_and_receive(messages, timeout=fed.round_timeout_s) if not r.has_error()
-            ]
+            answered = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
+            replies = [r for r in answered if not r.has_error()]
+            if server_round == 0 and not replies:
+                errors = [Failure(r.metadata.src_node_id, None, f"client error: {r.error.reason}") for r in answered]
+                raise FederationError(
+                    f"round 0: no client could evaluate the starting model ({summarize_failures(errors) or 'no replies'}); "
+                    f"nothing was kept in '{run_dir}': fix the cause and run the same command again"
+                )
             for reply in replies:
                 m = reply.content["metrics"]
                 if "acc-heldout" in m:
@@ -379,6 +407,7 @@ def run_federation(
             writer.write("round", round=0, **initial)
             final_accuracy = initial["global/acc_heldout"]
             checkpoint(0, initial, final_accuracy)
+            directory.commit()  # started cleanly: a replaced run may go now
         else:
             initial, final_accuracy = state.initial, state.final_accuracy
         bar.update(task, info=f"acc {final_accuracy:.1%}")
@@ -398,11 +427,11 @@ def run_federation(
                 known = {} if failure.client_id is None else {"client": failure.client_id}
                 writer.write("failure", round=server_round, node=failure.node_id, reason=failure.reason, **known)
             if len(ok) < min(fed.min_train_clients, len(messages)):
-                reasons = "; ".join(f"node {f.node_id}: {f.reason}" for f in failures)[:600]
                 raise FederationError(
                     f"round {server_round}: only {len(ok)} of {len(messages)} clients succeeded "
-                    f"(min_train_clients = {fed.min_train_clients}); {reasons}. "
-                    f"The last checkpoint in '{run_dir}' is intact: fix the cause and continue with --resume"
+                    f"(min_train_clients = {fed.min_train_clients}); {summarize_failures(failures)}. "
+                    f"The last checkpoint in '{run_dir}' is intact: once the cause is fixed "
+                    f"without changing the config, continue with `fgrpo run {run_dir}/config.toml --resume {run_dir}`"
                 )
             new_arrays, _ = strategy.aggregate_train(server_round, ok)
             if new_arrays is not None and method != "local":

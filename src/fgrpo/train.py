@@ -11,7 +11,7 @@ import torch
 from .config import Config
 from .evaluate import evaluate
 from .pipeline import build_learner, build_task_pool
-from .results import MetricsWriter, prepare_run_dir, write_config, write_summary
+from .results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
 from .tasks import Example
 
 
@@ -54,8 +54,16 @@ def seed_everything(seed: int) -> None:
 
 
 def run_training(config: Config, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Train with GRPO on all training prompts; evaluate on the held-out set."""
-    run_dir = prepare_run_dir(config.output.dir, overwrite=overwrite)
+    """Train with GRPO on all training prompts; evaluate on the held-out set.
+
+    A previous run replaced with --overwrite goes only once the first evaluation is done.
+    """
+    with run_directory(config.output.dir, overwrite=overwrite) as directory:
+        return _train(config, directory, progress)
+
+
+def _train(config: Config, directory: RunDirectory, progress: bool) -> dict:
+    run_dir = directory.path
     write_config(run_dir, config)
     seed = config.training.seed
     seed_everything(seed)
@@ -81,6 +89,7 @@ def run_training(config: Config, *, overwrite: bool = False, progress: bool = Tr
     started = time.perf_counter()
     with MetricsWriter(run_dir, "centralized", seed) as writer, _progress(progress) as bar:
         first = run_eval(0)
+        directory.commit()
         task = bar.add_task("GRPO", total=config.training.steps, info=f"acc {first['eval/acc_heldout']:.1%}")
         step = 0
         for step in range(1, config.training.steps + 1):
