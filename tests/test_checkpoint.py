@@ -193,3 +193,71 @@ def test_compression_residuals_survive_a_resume(tmp_path):
     norms = [r["client/update_norm"] for r in records if r["round"] == 1 and "client/update_norm" in r]
     assert len(norms) == 2 and min(norms) > 0  # round 1 leaves a rounding residual to carry
     assert comparable(tmp_path / "resumed") == comparable(tmp_path / "straight")
+
+
+def test_every_piece_of_state_survives_the_safetensors_round_trip(tmp_path):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    random.seed(7)
+    np.random.seed(7)
+    full = state(3)
+    full.strategy = {
+        "class": "FedAdam",
+        "m_t": ArrayRecord({"a": Array(np.ones((2, 2), dtype=np.float32))}),
+        "state_dict": {"version": 1, "clients": {"0": {"baseline": None, "count": 2, "mean": float("inf")}}},
+    }
+    full.grid_state = {5: b"\x00\x01proto", 9: b""}
+    full.extra = {"node_clients": {5: 0, 9: 1}}
+    save_checkpoint(tmp_path, full)
+    back = load_checkpoint(tmp_path)
+    assert back.grid_state == full.grid_state and back.extra == full.extra
+    assert back.python_rng == full.python_rng
+    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(back.numpy_rng, full.numpy_rng))
+    assert np.array_equal(back.strategy["m_t"]["a"].numpy(), np.ones((2, 2)))
+    assert back.strategy["state_dict"]["clients"]["0"]["mean"] == float("inf")
+    random.setstate(back.python_rng)  # the restored states are usable as they are
+    np.random.set_state(back.numpy_rng)
+
+
+def test_a_crafted_pickle_or_tampered_checkpoint_runs_no_code_and_is_refused(tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (tmp_path / CHECKPOINT_NAME).write_bytes(pickle.dumps({"version": 1, "state": Boom()}))
+    with pytest.raises(ConfigError, match="damaged|not an fgrpo checkpoint"):
+        load_checkpoint(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+    save_checkpoint(tmp_path, state(1))
+    data = bytearray((tmp_path / CHECKPOINT_NAME).read_bytes())
+    data[-3] ^= 0xFF  # flip a bit in the arrays
+    (tmp_path / CHECKPOINT_NAME).write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="checksum does not match"):
+        load_checkpoint(tmp_path)
+
+
+def test_resume_refuses_a_missing_shortened_or_edited_metrics_file(tmp_path):
+    from conftest import small_config_dict
+    from fgrpo.runtime import run_simulation
+
+    config = config_from_dict(small_config_dict(tmp_path, federation={"rounds": 1}))
+    run_simulation(config, progress=False)
+    run_dir = tmp_path / "run"
+    longer = config_from_dict(small_config_dict(tmp_path, federation={"rounds": 2}))
+    metrics = run_dir / "metrics.jsonl"
+    original = metrics.read_bytes()
+    metrics.write_bytes(original[: len(original) // 2])
+    with pytest.raises(ConfigError, match="shortened"):
+        run_simulation(longer, progress=False, resume=True)
+    assert metrics.read_bytes() == original[: len(original) // 2]  # no NUL padding
+    metrics.write_bytes(original.replace(b'"round"', b'"rounD"', 1))
+    with pytest.raises(ConfigError, match="was edited"):
+        run_simulation(longer, progress=False, resume=True)
+    metrics.unlink()
+    with pytest.raises(ConfigError, match="metrics.jsonl' is missing"):
+        run_simulation(longer, progress=False, resume=True)
+    metrics.write_bytes(original)
+    assert run_simulation(longer, progress=False, resume=True)["rounds"] == 2

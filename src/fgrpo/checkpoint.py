@@ -4,21 +4,25 @@ A checkpoint holds the global adapter, the strategy's mutable state (FGRPO
 baselines and histories, FedOpt moments, FedAvgM momentum, a DP accountant),
 the RNG states the server consumes (Flower samples clients with `random`, its
 DP noise uses NumPy's global RNG), the in-process clients' persistent state,
-the round number and the length of metrics.jsonl at that round. Resuming
-truncates metrics.jsonl back to that length, so a run killed at any point and
-resumed writes exactly the records an uninterrupted run writes.
+the round number and the length and hash of metrics.jsonl at that round.
+Resuming truncates metrics.jsonl back to that length, so a run killed at any
+point and resumed writes exactly the records an uninterrupted run writes.
 
-The file is written atomically (temp file, fsync, rename, fsync of the
+Format (version 2): one safetensors file. The arrays are its tensors; the rest
+is JSON in its metadata, with a format version and a SHA-256 over the JSON and
+every tensor's bytes. Loading parses JSON and raw arrays only, so a crafted
+checkpoint can fail to load but cannot run code (version 1 was a pickle, which
+could). The file is written atomically (temp file, fsync, rename, fsync of the
 directory): a crash or a full disk while writing leaves the previous
-checkpoint intact. It is a pickle, so only resume run directories you trust
-(the same trust as loading any PyTorch checkpoint).
+checkpoint intact.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import pickle
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +33,9 @@ from flwr.app import Array, ArrayRecord
 
 from .errors import ConfigError, FederationError
 
-CHECKPOINT_NAME = "checkpoint.pkl"
-FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.safetensors"
+FORMAT_VERSION = 2
+METADATA_KEY = "fgrpo-checkpoint"
 
 # Mutable attributes of Flower's strategies and ours that change from round to round.
 STRATEGY_STATE_ATTRS = ("m_t", "v_t", "current_arrays", "momentum_vector")
@@ -52,6 +57,7 @@ class ServerState:
     elapsed_s: float
     grid_state: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    metrics_sha256: str | None = None  # of metrics.jsonl's first `metrics_offset` bytes
 
 
 def _plain(value: Any) -> Any:
@@ -138,10 +144,94 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         ) from error
 
 
+class _Encoder:
+    """Nested Python state → JSON + named arrays. Only plain data survives: no classes, no code."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def encode(self, value: Any) -> Any:
+        if isinstance(value, ArrayRecord):
+            return {"__arrays__": {k: self.encode(v.numpy()) for k, v in value.items()}}
+        if isinstance(value, np.ndarray):
+            key = f"t{len(self.tensors)}"
+            self.tensors[key] = np.ascontiguousarray(value)
+            return {"__tensor__": key}
+        if isinstance(value, (bytes, bytearray)):
+            return {"__bytes__": self.encode(np.frombuffer(bytes(value), dtype=np.uint8))}
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, tuple):
+            return {"__tuple__": [self.encode(v) for v in value]}
+        if isinstance(value, list):
+            return [self.encode(v) for v in value]
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in value):
+                return {k: self.encode(v) for k, v in value.items()}
+            return {"__items__": [[self.encode(k), self.encode(v)] for k, v in value.items()]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"checkpoint state holds a {type(value).__name__}, which fgrpo does not store")
+
+
+def _decode(value: Any, tensors: dict[str, np.ndarray]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        (tag, inner), = value.items()
+        if tag == "__tensor__":
+            return tensors[inner]
+        if tag == "__bytes__":
+            return _decode(inner, tensors).tobytes()
+        if tag == "__tuple__":
+            return tuple(_decode(v, tensors) for v in inner)
+        if tag == "__items__":
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in inner}
+        if tag == "__arrays__":
+            return ArrayRecord({k: Array(np.ascontiguousarray(_decode(v, tensors))) for k, v in inner.items()})
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def _digest(state_json: str, tensors: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256(state_json.encode("utf-8"))
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path, limit: int | None = None) -> str:
+    """SHA-256 of a file's first `limit` bytes (all of it when None)."""
+    digest = hashlib.sha256()
+    remaining = limit
+    with open(path, "rb") as handle:
+        while remaining is None or remaining > 0:
+            chunk = handle.read(1 << 20 if remaining is None else min(1 << 20, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return digest.hexdigest()
+
+
 def save_checkpoint(run_dir: Path, state: ServerState) -> Path:
+    from safetensors.numpy import save
+
+    encoder = _Encoder()
+    fields = {name: encoder.encode(getattr(state, name)) for name in ServerState.__dataclass_fields__}
+    state_json = json.dumps(fields)
+    metadata = {
+        METADATA_KEY: state_json,
+        "format": "fgrpo-server-checkpoint",
+        "version": str(FORMAT_VERSION),
+        "sha256": _digest(state_json, encoder.tensors),
+    }
     path = Path(run_dir) / CHECKPOINT_NAME
-    payload = pickle.dumps({"version": FORMAT_VERSION, "state": state}, protocol=pickle.HIGHEST_PROTOCOL)
-    atomic_write_bytes(path, payload)
+    atomic_write_bytes(path, save(encoder.tensors, metadata=metadata))
     return path
 
 
@@ -151,19 +241,32 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 def load_checkpoint(run_dir: Path) -> ServerState:
     """The last complete checkpoint in RUN_DIR, or a clear error saying why there is none."""
+    from safetensors import safe_open
+
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.is_file():
+        old = " (it has a checkpoint.pkl from fgrpo 0.1, a pickle that fgrpo no longer loads)" if (Path(run_dir) / "checkpoint.pkl").exists() else ""
         raise ConfigError(
-            f"cannot resume '{run_dir}': it has no {CHECKPOINT_NAME} (the run stopped before its first checkpoint, "
-            "or this is not a federated run directory); start it again with --overwrite"
+            f"cannot resume '{run_dir}': it has no {CHECKPOINT_NAME}{old} (the run stopped before its first "
+            "checkpoint, or this is not a federated run directory); start it again in a new directory"
         )
     try:
-        data = pickle.loads(path.read_bytes())
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise ConfigError(f"cannot resume: checkpoint '{path}' is damaged ({type(error).__name__}: {error})") from None
-    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or not isinstance(data.get("state"), ServerState):
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # noqa: BLE001 - any parse failure means a damaged file
+        raise ConfigError(f"cannot resume: checkpoint '{path}' is damaged ({type(error).__name__}: {error})"[:400]) from None
+    if metadata.get("format") != "fgrpo-server-checkpoint" or metadata.get("version") != str(FORMAT_VERSION):
         raise ConfigError(f"cannot resume: '{path}' is not an fgrpo checkpoint of format version {FORMAT_VERSION}")
-    return data["state"]
+    state_json = metadata.get(METADATA_KEY, "")
+    if metadata.get("sha256") != _digest(state_json, tensors):
+        raise ConfigError(f"cannot resume: checkpoint '{path}' is damaged (its checksum does not match its contents)")
+    try:
+        fields = _decode(json.loads(state_json), tensors)
+        state = ServerState(**fields)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"cannot resume: checkpoint '{path}' is damaged ({type(error).__name__}: {error})"[:400]) from None
+    return state
 
 
 def config_differences(saved_text: str, current_text: str, ignore: tuple[str, ...]) -> list[str]:

@@ -23,6 +23,7 @@ from .checkpoint import (
     ServerState,
     capture_rng,
     config_differences,
+    file_sha256,
     load_checkpoint,
     load_strategy_state,
     restore_rng,
@@ -299,6 +300,26 @@ def _privacy_spent(strategy) -> dict[str, float]:
     return {"dp/epsilon": float(spent.epsilon), "dp/delta": float(spent.delta), "dp/releases": int(spent.num_releases)}
 
 
+def check_metrics_prefix(path: Path, state: ServerState) -> None:
+    """Resume only onto the metrics.jsonl the checkpoint saw: missing, shortened or edited files are refused."""
+    if not path.is_file():
+        raise ConfigError(
+            f"cannot resume: '{path}' is missing; the checkpoint needs the run's metrics up to round "
+            f"{state.server_round} ({state.metrics_offset} bytes). Restore it, or start the run again in a new directory"
+        )
+    size = path.stat().st_size
+    if size < state.metrics_offset:
+        raise ConfigError(
+            f"cannot resume: '{path}' has {size} bytes but the checkpoint of round {state.server_round} recorded "
+            f"{state.metrics_offset}; it was shortened. Restore it, or start the run again in a new directory"
+        )
+    if state.metrics_sha256 is not None and file_sha256(path, state.metrics_offset) != state.metrics_sha256:
+        raise ConfigError(
+            f"cannot resume: '{path}' was edited after the checkpoint of round {state.server_round} (its first "
+            f"{state.metrics_offset} bytes differ). Restore it, or start the run again in a new directory"
+        )
+
+
 def _resume_state(run_dir: Path, config: Config) -> ServerState:
     state = load_checkpoint(run_dir)
     differences = config_differences(state.config_text, dump_config(config), RESUMABLE_CHANGES)
@@ -353,6 +374,7 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
         if state.grid_state is not None and hasattr(grid, "load_state_dict"):
             grid.load_state_dict(state.grid_state)
         node_clients = dict(state.extra.get("node_clients", {}))
+        check_metrics_prefix(run_dir / "metrics.jsonl", state)
         with open(run_dir / "metrics.jsonl", "r+b") as handle:  # drop records of the round the crash cut short
             handle.truncate(state.metrics_offset)
         first_round, elapsed = state.server_round + 1, state.elapsed_s
@@ -374,6 +396,7 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
                 python_rng=python_rng,
                 numpy_rng=numpy_rng,
                 metrics_offset=(run_dir / "metrics.jsonl").stat().st_size,
+                metrics_sha256=file_sha256(run_dir / "metrics.jsonl"),
                 config_text=dump_config(config),
                 initial=initial,
                 final_accuracy=final_accuracy,
