@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fgrpo.config import Config, dump_config, load_config, parse_override
+from fgrpo.config import Config, config_from_dict, dump_config, load_config, parse_override
 from fgrpo.errors import ConfigError
 
 
@@ -88,3 +88,48 @@ def test_sources_section_checks_names_formats_and_suggests_keys(tmp_path):
     config = load_config(write(tmp_path, '[model]\nsystem_prompt = "Be brief."\n[[tasks.rewards]]\nname = "length_penalty"\nkwargs = { soft_cache = 16 }\n'))
     assert config.tasks.rewards[0].kwargs == {"soft_cache": 16} and config.model.lora.target_modules == "auto"
     assert load_config(write(tmp_path, dump_config(config))) == config
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"[grpo]\nbeta = 0.0\n# caf\xe9\n", r"line 3 is not UTF-8 text \(byte 0xe9\)"),
+        (b"", "is empty"),
+        (b"  \n\n", "is empty"),
+    ],
+)
+def test_unreadable_or_empty_config_files_are_named(tmp_path, content, expected):
+    path = tmp_path / "c.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+
+
+def test_a_utf8_bom_is_accepted_and_a_directory_is_named_as_one(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xef\xbb\xbf[grpo]\nbeta = 0.04\n")
+    assert load_config(path).grpo.beta == 0.04
+    with pytest.raises(ConfigError, match="is a directory; pass a TOML file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"training": {"seed": -1}}, "training.seed"),
+        ({"training": {"seed": 2**40}}, "training.seed"),
+        ({"model": {"device": "banana"}}, "model.device"),
+        ({"grpo": {"learning_rate": float("inf")}}, "grpo.learning_rate"),
+        ({"grpo": {"learning_rate": float("nan")}}, "grpo.learning_rate"),
+        ({"tasks": {"families": [{"name": "add", "reward_scale": [0.0, 1e30]}]}}, "tasks.families.0.reward_scale"),
+        ({"tasks": {"train_per_family": 100_000_000}}, "tasks.train_per_family"),
+        ({"federation": {"num_clients": 2, "min_train_clients": 3}}, "min_train_clients"),
+    ],
+)
+def test_values_that_used_to_fail_deep_inside_a_library_are_refused_by_key(data, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(data)
+
+
+def test_fgrpo_temperature_may_still_be_infinite():
+    assert config_from_dict({"federation": {"fgrpo": {"temperature": "inf"}}}).federation.fgrpo.temperature == float("inf")

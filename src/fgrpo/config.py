@@ -12,9 +12,9 @@ import difflib
 import math
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -27,7 +27,25 @@ else:  # pragma: no cover
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and ±inf are refused everywhere (a learning rate of inf fails deep inside torch),
+    # except where a field says otherwise (FGRPO's τ = inf is FedAvg).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit
+MAX_REWARD_MAGNITUDE = 1e6  # beyond this, advantages and logits overflow float32 arithmetic
+
+
+def check_reward_scale(value: tuple[float, float]) -> tuple[float, float]:
+    """(low, high) with low < high and both within ±MAX_REWARD_MAGNITUDE."""
+    if not value[0] < value[1]:
+        raise ValueError(f"must be (low, high) with low < high, got {list(value)}")
+    if max(abs(value[0]), abs(value[1])) > MAX_REWARD_MAGNITUDE:
+        raise ValueError(f"must lie within ±{MAX_REWARD_MAGNITUDE:g}, got {list(value)}")
+    return value
+
+
+RewardScale = Annotated[tuple[float, float], AfterValidator(check_reward_scale)]
 
 
 class LoraConfig(Section):
@@ -48,13 +66,15 @@ class WarmStartConfig(Section):
     steps: int = Field(300, ge=0, le=100_000, description="SFT steps on the synthetic families.")
     batch_size: int = Field(64, ge=1, description="Examples per SFT step.")
     learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate for the warm start.")
-    seed: int = Field(0, description="Seed of the initial weights and of the SFT data.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the initial weights and of the SFT data.")
 
 
 class ModelConfig(Section):
     source: str = Field("tiny", description="'tiny' (built-in, warm-started, offline), a local folder, or a hub id.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' = bf16 on CUDA, fp32 on CPU.")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto' (CUDA when present), 'cpu', 'mps' or 'cuda[:i]'."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     chat_template: str = Field(
@@ -78,15 +98,9 @@ class ModelConfig(Section):
 class FamilyConfig(Section):
     name: str = Field(description="A built-in task family (add, sub, mul, sort, count, reverse, ...).")
     difficulty: int = Field(2, ge=1, le=12, description="Digits / length knob of the family.")
-    reward_scale: tuple[float, float] = Field((0.0, 1.0), description="(low, high): score 0 maps to low, 1 to high.")
+    reward_scale: RewardScale = Field((0.0, 1.0), description="(low, high): score 0 maps to low, 1 to high.")
     weight: float = Field(1.0, gt=0, description="Relative share of this family in the pool.")
 
-    @field_validator("reward_scale")
-    @classmethod
-    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not value[0] < value[1]:
-            raise ValueError(f"must be (low, high) with low < high, got {list(value)}")
-        return value
 
 
 class FileConfig(Section):
@@ -94,7 +108,7 @@ class FileConfig(Section):
     prompt_key: str = Field("prompt", description="Column holding the prompt ('question' for GSM8K).")
     answer_key: str = Field("answer", description="Column holding the answer ('#### n' is understood).")
     family: str = Field("jsonl", description="Task label these examples get.")
-    reward_scale: tuple[float, float] = (0.0, 1.0)
+    reward_scale: RewardScale = (0.0, 1.0)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for evaluation.")
 
 
@@ -117,7 +131,7 @@ class SourceConfig(Section):
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for evaluation.")
-    reward_scale: tuple[float, float] = (0.0, 1.0)
+    reward_scale: RewardScale = (0.0, 1.0)
 
 
 class RewardConfig(Section):
@@ -143,13 +157,13 @@ class TasksConfig(Section):
         description="What the federation's partition scheme splits on: 'family' (task label), 'source', "
         "or any column of the sources (e.g. 'subject', 'level').",
     )
-    train_per_family: int = Field(2000, ge=1, description="Training prompts generated per family.")
-    test_per_family: int = Field(100, ge=1, description="Held-out prompts per family.")
+    train_per_family: int = Field(2000, ge=1, le=200_000, description="Training prompts generated per family.")
+    test_per_family: int = Field(100, ge=1, le=100_000, description="Held-out prompts per family.")
     rewards: list[RewardConfig] = Field(
         default_factory=lambda: [RewardConfig(name="exact_match", weight=1.0)],
         description="Reward functions (TRL signature) summed with weights; the sum is mapped to each family's reward_scale.",
     )
-    seed: int = Field(1234, description="Seed of the task pool (fixed across training seeds so runs compare).")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="Seed of the task pool (fixed across training seeds so runs compare).")
 
     @field_validator("sources")
     @classmethod
@@ -196,13 +210,13 @@ class TrainingConfig(Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts B per step; completions = B x num_generations.")
     eval_every: int = Field(50, ge=0, description="Held-out evaluation every N steps (0: only at start and end).")
     eval_pass_k: int = Field(4, ge=1, description="k of pass@k at evaluation (samples k per prompt).")
-    seed: int = Field(0, description="Seed of sampling, batching and LoRA init.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of sampling, batching and LoRA init.")
     time_limit_s: float | None = Field(None, gt=0, description="Stop training after this many seconds (then evaluate).")
 
 
 class FGRPOOptions(Section):
     gain: Literal["relative", "zscore"] = Field("relative", description="Relative gain vs EMA baseline, or z-score vs history.")
-    temperature: float = Field(1.0, gt=0, description="τ of exp(g/τ); inf recovers FedAvg.")
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=True, description="τ of exp(g/τ); inf recovers FedAvg.")
     baseline_decay: float = Field(0.5, ge=0, lt=1, description="β of the EMA baseline B ← βB + (1−β)R.")
     delta: float = Field(1e-3, gt=0, description="δ: floor of the gain's denominator.")
     w_min: float = Field(0.0, ge=0, le=1, description="Weight floor.")
@@ -306,6 +320,15 @@ class FederationConfig(Section):
     server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig)
 
     @model_validator(mode="after")
+    def _enough_clients(self) -> "FederationConfig":
+        if self.min_train_clients > self.num_clients:
+            raise ValueError(
+                f"min_train_clients ({self.min_train_clients}) must be <= num_clients ({self.num_clients}): "
+                "a round could never gather that many clients"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _dp_needs_exact_updates(self) -> "FederationConfig":
         if self.dp.enabled and self.compression.codec != "none":
             raise ValueError(
@@ -376,10 +399,27 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     """Read a TOML config; `overrides` (nested dict) wins over the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config '{path}' is a directory; pass a TOML file (e.g. {path / 'config.toml'})")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some Windows editors write one): harmless
+        raw = raw[3:]
     try:
-        data = tomllib.loads(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x}); TOML files must be UTF-8, "
+            "so save the file as UTF-8"
+        ) from None
+    if not text.strip():
+        raise ConfigError(
+            f"config file '{path}' is empty; write at least one section (e.g. '[federation]') to run with the defaults"
+        )
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if overrides:
