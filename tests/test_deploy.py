@@ -295,3 +295,17 @@ def test_tls_and_supernode_authentication_on_loopback(tmp_path):
         assert stranger.returncode not in (None, 0), "a SuperNode with an unregistered key kept running"
         assert "failed to activate supernode" in federation.log_tail("stranger", 20000).lower()
         assert federation.online_nodes() == 2
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("10.1.2.3", True), ("127.0.0.1", False), ("localhost", False)])
+def test_insecure_commands_off_loopback_warn_loudly_on_stderr(tmp_path, host, warned):
+    from typer.testing import CliRunner
+
+    from fgrpo.cli import app
+
+    path = tmp_path / "c.toml"
+    path.write_text("[federation]\nnum_clients = 2\n")
+    result = CliRunner().invoke(app, ["flower", "commands", str(path), "--host", host])
+    assert result.exit_code == 0, result.output
+    assert ("WITHOUT TLS" in result.stderr) == warned
+    assert "WITHOUT TLS" not in result.stdout  # the commands themselves stay copy-pasteable

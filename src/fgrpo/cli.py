@@ -49,6 +49,17 @@ def _load(config: Path, set_values: list[str] | None, output: Optional[Path]):
 SET_HELP = "Override a config value, e.g. --set grpo.beta=0.04 (repeatable)."
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @app.command()
 @friendly_errors
 def train(
@@ -218,6 +229,15 @@ def flower_commands(
     def line(command: list[str]) -> str:
         return " ".join(shlex.quote(part) for part in command)
 
+    if certs is None and not _is_loopback(host):
+        console.print(
+            f"[bold red]WARNING:[/] these commands run Flower WITHOUT TLS on {host}: anyone on that network can read "
+            "every adapter update and impersonate the SuperLink or a SuperNode. For a real deployment make "
+            "certificates and node keys (`fgrpo flower certs DIR`, `fgrpo flower keys DIR`) and pass --tls DIR --auth DIR "
+            "(docs/deployment.md).",
+            highlight=False,
+            soft_wrap=True,
+        )
     print(f"# 1. SuperLink (server machine){'' if certs else '  — insecure: loopback / trusted network only'}")
     print(line(deploy.superlink_command(port, host=host, tls=certs, supernode_auth=auth is not None)))
     print("\n# 2. where you run `flwr`: a SuperLink connection in Flower's config ($FLWR_HOME/config.toml)")
