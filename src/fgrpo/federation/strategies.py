@@ -32,8 +32,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from .errors import ConfigError, FederationError
-from .defense import ROBUST_AGGREGATORS, robust_update
+from fgrpo.errors import ConfigError, FederationError
+from fgrpo.federation.defense import ROBUST_AGGREGATORS, robust_update
 
 GAINS = ("relative", "zscore")
 # ±inf gains are replaced by ±MAX_GAIN: still "huge" next to any real gain, but finite.

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import Config, dump_config
-from .errors import ConfigError
+from fgrpo.config import Config, dump_config
+from fgrpo.errors import ConfigError
 
 
 def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
