@@ -239,7 +239,7 @@ def test_pyproject_is_a_valid_flower_app():
     import zipfile
 
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
-    assert "src/fgrpo/app.py" in names and not any(n.startswith(("tests/", "runs/")) for n in names)
+    assert "src/fgrpo/federation/app.py" in names and not any(n.startswith(("tests/", "runs/")) for n in names)
     with pytest.raises(ConfigError, match="Flower App"):
         deploy.flower_app_dir(app / "src")
 
