@@ -23,8 +23,8 @@ import argparse
 import numpy as np
 import torch
 
-from fgrpo.compression import CODECS, compress_update, encoded_nbytes
-from fgrpo.model import add_lora, build_tiny_model, trainable_parameters
+from fgrpo.federation.compression import CODECS, compress_update, encoded_nbytes
+from fgrpo.core.model import add_lora, build_tiny_model, trainable_parameters
 
 # Architecture numbers from the models' config.json on the Hugging Face Hub.
 QWEN25_CONFIGS = {
@@ -52,8 +52,8 @@ def wire_bytes(arrays: dict[str, np.ndarray]) -> int:
     """Bytes of a reply carrying `arrays` through Flower's wire serialisation."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    from fgrpo.app import arrays_to_record
-    from fgrpo.inprocess import wire_round_trip
+    from fgrpo.federation.app import arrays_to_record
+    from fgrpo.federation.inprocess import wire_round_trip
 
     from flwr.supercore.task_identity import TaskIdentity
 

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from fgrpo.config import load_config
-from fgrpo.runtime import run_simulation
+from fgrpo.deploy.runtime import run_simulation
 
 
 def codec_options(name: str) -> dict:

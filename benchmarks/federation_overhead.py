@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from fgrpo.config import load_config
-from fgrpo.runtime import run_simulation
+from fgrpo.deploy.runtime import run_simulation
 
 
 def job(method: str, out: Path, clients: int, local_steps: int, rounds: int):

@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fgrpo import deploy
+from fgrpo.deploy import flower as deploy
 from fgrpo.config import config_from_dict
-from fgrpo.pipeline import resolve_model_source
-from fgrpo.runtime import node_configs, quiet_flower_logs, run_simulation
+from fgrpo.core.pipeline import resolve_model_source
+from fgrpo.deploy.runtime import node_configs, quiet_flower_logs, run_simulation
 
 
 def job(out: Path, rounds: int, clients: int, local_steps: int):

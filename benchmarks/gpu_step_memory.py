@@ -6,7 +6,7 @@ Model hubs may be unreachable, and a step's cost depends only on shapes, so the
 model is a randomly initialised copy of the named architecture. Every completion
 is forced to `--length` tokens (a random model rarely emits EOS): an upper bound
 for real runs, whose completions stop early. The step is fgrpo's own rollout
-log-probs and loss (`fgrpo.rollout`, `fgrpo.grpo`) after HF generate, with
+log-probs and loss (`fgrpo.core.rollout`, `fgrpo.core.grpo`) after HF generate, with
 LoRA r=16 on all projections and random advantages. Prints one line per step and
 a final line with the measured step's peak memory and time (the last step; the
 first includes CUDA warm-up). A compact inline version of this script produced
@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from fgrpo.grpo import grpo_loss
-from fgrpo.model import LORA_PRESETS
-from fgrpo.rollout import Rollouts, completion_log_probs
+from fgrpo.core.grpo import grpo_loss
+from fgrpo.core.model import LORA_PRESETS
+from fgrpo.core.rollout import Rollouts, completion_log_probs
 
 # (hidden, intermediate, layers, attention heads, kv heads) of the Qwen2.5 instruct models.
 SHAPES = {

@@ -21,8 +21,8 @@ import time
 import torch
 
 from fgrpo.config import Config
-from fgrpo.learner import GRPOLearner
-from fgrpo.pipeline import build_reward, build_task_pool, load_policy
+from fgrpo.core.learner import GRPOLearner
+from fgrpo.core.pipeline import build_reward, build_task_pool, load_policy
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, torch
 variant, rows, length, vocab, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), getattr(torch, sys.argv[5])
-from fgrpo.grpo import token_log_probs
+from fgrpo.core.grpo import token_log_probs
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.manual_seed(0)
 logits = torch.randn(rows, length, vocab, dtype=dtype, device=device).requires_grad_(True)

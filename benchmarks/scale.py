@@ -30,7 +30,7 @@ CHILD = r"""
 import json, resource, sys, time
 from importlib import resources
 from fgrpo.config import load_config
-from fgrpo.runtime import run_simulation
+from fgrpo.deploy.runtime import run_simulation
 clients, sampled, rounds, local_steps, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 train_per_family, test_per_family = int(sys.argv[6]), int(sys.argv[7])
 scenario = resources.files("fgrpo") / "scenarios" / "quickstart.toml"

@@ -3,7 +3,7 @@
     python benchmarks/trl_step.py [--steps 20] [--warmup 3] [--prompts 8] [--generations 8] [--length 16] [--threads K]
 
 What: completion tokens/s of one local GRPO step (sample G completions per prompt, reward, group advantages,
-clipped loss, backward, grad clip, AdamW step) for (a) `fgrpo.learner.GRPOLearner.step` and (b) `trl.GRPOTrainer`.
+clipped loss, backward, grad clip, AdamW step) for (a) `fgrpo.core.learner.GRPOLearner.step` and (b) `trl.GRPOTrainer`.
 Both start from the same weights (TRL trains a deep copy of fgrpo's LoRA-wrapped tiny Llama), see the same
 prompts in the same order, and use the same G, max_completion_length, temperature/top_p, loss settings (fgrpo's
 GRPOConfig: loss_type, beta, epsilon, scale_rewards, num_iterations, learning_rate, weight_decay, max_grad_norm)
@@ -53,13 +53,13 @@ from trl import GRPOConfig as TRLConfig
 from trl import GRPOTrainer
 
 from fgrpo.config import Config
-from fgrpo.grpo import group_advantages, grpo_loss
-from fgrpo.learner import GRPOLearner
-from fgrpo.model import trainable_parameters
-from fgrpo.pipeline import build_reward, build_task_pool, load_policy
-from fgrpo.rewards import compute_rewards
-from fgrpo.rollout import completion_log_probs
-from fgrpo.tasks import Example
+from fgrpo.core.grpo import group_advantages, grpo_loss
+from fgrpo.core.learner import GRPOLearner
+from fgrpo.core.model import trainable_parameters
+from fgrpo.core.pipeline import build_reward, build_task_pool, load_policy
+from fgrpo.data.rewards import compute_rewards
+from fgrpo.core.rollout import completion_log_probs
+from fgrpo.data.tasks import Example
 
 TOLERANCE = 1e-5
 

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from fgrpo.config import load_config
-from fgrpo.runtime import quiet_flower_logs, run_comparison
+from fgrpo.deploy.runtime import quiet_flower_logs, run_comparison
 
 ATTACK = {"attack": {"clients": [0], "reward_growth": 10.0, "update_scale": 20.0}}
 VARIANTS = {

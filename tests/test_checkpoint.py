@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fgrpo.checkpoint import (
+from fgrpo.federation.checkpoint import (
     CHECKPOINT_NAME,
     ServerState,
     config_differences,
@@ -75,7 +75,7 @@ def test_config_differences_list_dotted_keys():
 def test_fedadam_moments_and_fgrpo_baselines_survive_a_round_trip():
     import numpy as np
 
-    from fgrpo.strategies import FGRPO, make_strategy
+    from fgrpo.federation.strategies import FGRPO, make_strategy
 
     adam = make_strategy("fedadam")
     adam.m_t, adam.v_t = {"w": np.ones(2)}, {"w": np.full(2, 0.5)}
@@ -154,7 +154,7 @@ def test_killed_at_a_random_point_and_resumed_equals_an_uninterrupted_run(tmp_pa
 
 
 def test_resume_refuses_a_changed_config_and_a_finished_run(tmp_path):
-    from fgrpo.runtime import run_simulation
+    from fgrpo.deploy.runtime import run_simulation
 
     from conftest import small_config_dict
 
@@ -177,7 +177,7 @@ def test_compression_residuals_survive_a_resume(tmp_path):
     """Error feedback lives in each node's context: a stop after round 1 and a resume must equal one 2-round run."""
     from conftest import small_config_dict
 
-    from fgrpo.runtime import run_simulation
+    from fgrpo.deploy.runtime import run_simulation
 
     def data(name: str, rounds: int) -> dict:
         d = small_config_dict(tmp_path, output={"dir": str(tmp_path / name)})
@@ -241,7 +241,7 @@ def test_a_crafted_pickle_or_tampered_checkpoint_runs_no_code_and_is_refused(tmp
 
 def test_resume_refuses_a_missing_shortened_or_edited_metrics_file(tmp_path):
     from conftest import small_config_dict
-    from fgrpo.runtime import run_simulation
+    from fgrpo.deploy.runtime import run_simulation
 
     config = config_from_dict(small_config_dict(tmp_path, federation={"rounds": 1}))
     run_simulation(config, progress=False)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays as np_arrays
 
-from fgrpo.compression import (
+from fgrpo.federation.compression import (
     SCALE_SUFFIX,
     CompressionError,
     apply_delta,
@@ -127,7 +127,7 @@ def test_dp_with_compression_is_refused_with_the_keys_named(tmp_path):
 def test_int8_uploads_quarter_the_bytes_and_the_server_decodes_them(tmp_path):
     from conftest import small_config_dict
 
-    from fgrpo.runtime import run_simulation
+    from fgrpo.deploy.runtime import run_simulation
 
     def run(codec: str, name: str) -> list[dict]:
         data = small_config_dict(tmp_path, federation={"compression": {"codec": codec}}, output={"dir": str(tmp_path / name)})
@@ -149,11 +149,11 @@ def test_a_client_sending_the_wrong_encoding_is_excluded_with_the_reason(tmp_pat
     from flwr.app import Array, ArrayRecord, Context, Message
     from flwr.clientapp import ClientApp
 
-    from fgrpo.app import CONFIG_KEY, client_evaluate, client_train
+    from fgrpo.federation.app import CONFIG_KEY, client_evaluate, client_train
     from fgrpo.config import dump_config
-    from fgrpo.inprocess import InProcessGrid
-    from fgrpo.runtime import node_configs
-    from fgrpo.server import run_federation
+    from fgrpo.federation.inprocess import InProcessGrid
+    from fgrpo.deploy.runtime import node_configs
+    from fgrpo.federation.server import run_federation
 
     config = config_from_dict(
         small_config_dict(tmp_path, federation={"rounds": 1, "min_train_clients": 1, "compression": {"codec": "int8"}})

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from fgrpo.defense import (
+from fgrpo.federation.defense import (
     norm_clip_factors,
     robust_update,
     scale_update,

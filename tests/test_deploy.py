@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fgrpo import deploy
+from fgrpo.deploy import flower as deploy
 from fgrpo.config import config_from_dict
 from fgrpo.errors import ConfigError
 
@@ -42,7 +42,7 @@ def flower_config(tmp_path: Path, **federation):
     data["federation"].update({"eval_every": 2, **federation})
     config = config_from_dict(data)
     # Build the warm-started tiny checkpoint once, here: every Flower process reads it from FGRPO_CACHE.
-    from fgrpo.pipeline import resolve_model_source
+    from fgrpo.core.pipeline import resolve_model_source
 
     resolve_model_source(config.model, config.tasks)
     return config
@@ -56,8 +56,8 @@ def adapter_tensors(run_dir: Path) -> dict[str, np.ndarray]:
 
 def test_flower_loopback_matches_in_process_run(tmp_path):
     """2 rounds of FGRPO via `flwr run` on SuperLink + 2 SuperNodes == the in-process run, then `fgrpo report`."""
-    from fgrpo.report import write_report
-    from fgrpo.runtime import node_configs, run_simulation
+    from fgrpo.reporting.report import write_report
+    from fgrpo.deploy.runtime import node_configs, run_simulation
 
     config = flower_config(tmp_path)
     sim_dir, flower_dir = tmp_path / "sim", tmp_path / "flower-run"
@@ -97,7 +97,7 @@ def test_flower_loopback_matches_in_process_run(tmp_path):
 
 def test_killed_supernode_fails_its_round_and_the_run_goes_on(tmp_path):
     """SIGKILL one SuperNode during round 1: the round completes with the other, counts the failure, round 2 runs."""
-    from fgrpo.runtime import node_configs
+    from fgrpo.deploy.runtime import node_configs
 
     config = flower_config(tmp_path, min_train_clients=1, round_timeout_s=60.0)
     run_dir = tmp_path / "flower-run"
@@ -135,11 +135,11 @@ def test_wire_carries_only_adapters_and_aggregate_statistics(tmp_path):
     completions or per-example rewards (checked on the deserialised replies of a real in-process run)."""
     from conftest import small_config_dict
 
-    from fgrpo.app import CONFIG_KEY, _client_data, client_app
+    from fgrpo.federation.app import CONFIG_KEY, _client_data, client_app
     from fgrpo.config import dump_config
-    from fgrpo.inprocess import InProcessGrid
-    from fgrpo.runtime import node_configs
-    from fgrpo.server import run_federation
+    from fgrpo.federation.inprocess import InProcessGrid
+    from fgrpo.deploy.runtime import node_configs
+    from fgrpo.federation.server import run_federation
 
     config = config_from_dict(small_config_dict(tmp_path))
     replies = []
@@ -153,8 +153,8 @@ def test_wire_carries_only_adapters_and_aggregate_statistics(tmp_path):
         data = _client_data(dump_config(config), i, config.federation.num_clients, "")
         private_text |= {ex.prompt for ex in data.train + data.test} | {str(ex.answer) for ex in data.train + data.test}
 
-    from fgrpo.app import _shared_learner
-    from fgrpo.model import get_trainable_arrays
+    from fgrpo.federation.app import _shared_learner
+    from fgrpo.core.model import get_trainable_arrays
 
     trainable = get_trainable_arrays(_shared_learner(dump_config(config)).model)
     assert len(replies) == 2 * 2 + 2 * 3  # 2 clients × (2 train + 3 evaluate)
@@ -208,7 +208,7 @@ def test_commands_and_files(tmp_path):
     path = deploy.write_run_config(config, tmp_path / "out", tmp_path / "rc.toml")
     overrides = parse_config_args([str(path)])
     assert overrides["run-dir"] == str((tmp_path / "out").resolve())
-    from fgrpo.app import _config_from_text
+    from fgrpo.federation.app import _config_from_text
 
     assert _config_from_text(overrides["fgrpo-config"]) == config
     with pytest.raises(ConfigError, match=".toml"):
@@ -239,13 +239,13 @@ def test_pyproject_is_a_valid_flower_app():
     import zipfile
 
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
-    assert "src/fgrpo/app.py" in names and not any(n.startswith(("tests/", "runs/")) for n in names)
+    assert "src/fgrpo/federation/app.py" in names and not any(n.startswith(("tests/", "runs/")) for n in names)
     with pytest.raises(ConfigError, match="Flower App"):
         deploy.flower_app_dir(app / "src")
 
 
 def test_missing_data_path_names_the_path(tmp_path):
-    from fgrpo.app import _client_data
+    from fgrpo.federation.app import _client_data
     from fgrpo.config import dump_config
     from fgrpo.errors import DataError
 
@@ -258,11 +258,11 @@ def test_missing_reply_counts_as_failed(tmp_path):
     """A node that never answers (the SuperLink's timeout path) is a failed client, like an error reply."""
     from conftest import small_config_dict
 
-    from fgrpo.app import CONFIG_KEY, client_app
+    from fgrpo.federation.app import CONFIG_KEY, client_app
     from fgrpo.config import dump_config
-    from fgrpo.inprocess import InProcessGrid
-    from fgrpo.runtime import node_configs
-    from fgrpo.server import run_federation
+    from fgrpo.federation.inprocess import InProcessGrid
+    from fgrpo.deploy.runtime import node_configs
+    from fgrpo.federation.server import run_federation
 
     class SilentNodeGrid(InProcessGrid):
         def pull_messages(self, message_ids):

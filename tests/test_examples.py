@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fgrpo.config import load_config
-from fgrpo.runtime import run_simulation
+from fgrpo.deploy.runtime import run_simulation
 from tiny_models import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fgrpo.grpo import (
+from fgrpo.core.grpo import (
     LOSS_TYPES,
     aggregate_token_loss,
     completion_mask_after_eos,
@@ -189,7 +189,7 @@ def test_token_log_probs_applies_temperature():
 
 
 def test_token_log_probs_in_chunks_equal_log_softmax_with_gradients(monkeypatch):
-    import fgrpo.grpo as grpo
+    import fgrpo.core.grpo as grpo
 
     torch.manual_seed(0)
     logits = torch.randn(5, 3, 11, requires_grad=True)

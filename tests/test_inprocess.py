@@ -1,4 +1,4 @@
-"""Tests for fgrpo.inprocess: Flower's own strategy loop against a real toy ClientApp, in one process."""
+"""Tests for fgrpo.federation.inprocess: Flower's own strategy loop against a real toy ClientApp, in one process."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
 from fgrpo.errors import ConfigError, FederationError
-from fgrpo.inprocess import DOWN, UP, InProcessGrid, wire_round_trip
-from fgrpo.strategies import FGRPO
+from fgrpo.federation.inprocess import DOWN, UP, InProcessGrid, wire_round_trip
+from fgrpo.federation.strategies import FGRPO
 
 SHAPE = (64, 32)
 INITIAL = ArrayRecord({"lora_A": Array(np.zeros(SHAPE, dtype=np.float32)), "lora_B": Array(np.ones(4, dtype=np.float32))})

@@ -2,14 +2,14 @@
 
 import pytest
 
-from fgrpo.mathcheck import (
+from fgrpo.data.mathcheck import (
     length_penalty_reward,
     math_answer_correct,
     math_verify_reward,
     think_answer_format_reward,
 )
-from fgrpo.rewards import WeightedReward, compute_rewards
-from fgrpo.tasks import Example, is_correct
+from fgrpo.data.rewards import WeightedReward, compute_rewards
+from fgrpo.data.tasks import Example, is_correct
 
 # (reference answer as a dataset holds it, model completion): LaTeX forms,
 # fractions vs decimals, units and degrees, sets, tuples, polynomials, and
@@ -127,7 +127,7 @@ def test_length_penalty_is_dapo_soft_overlong_on_tokens_or_characters():
 
 def test_length_penalty_gets_max_length_from_the_rollout_budget():
     from fgrpo.config import TasksConfig
-    from fgrpo.pipeline import build_reward
+    from fgrpo.core.pipeline import build_reward
 
     tasks = TasksConfig(rewards=[{"name": "math_verify"}, {"name": "length_penalty", "weight": 0.5}])
     reward = build_reward(tasks, max_completion_length=8)

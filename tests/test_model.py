@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fgrpo.errors import ModelError
-from fgrpo.model import (
+from fgrpo.core.model import (
     add_lora,
     arrays_nbytes,
     build_tiny_model,

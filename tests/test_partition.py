@@ -1,4 +1,4 @@
-"""Tests for fgrpo.partition: validity, determinism, the skew each scheme promises, errors, tables."""
+"""Tests for fgrpo.data.partition: validity, determinism, the skew each scheme promises, errors, tables."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from fgrpo.errors import ConfigError, DataError
-from fgrpo.partition import (
+from fgrpo.data.partition import (
     by_family,
     dirichlet,
     format_partition,

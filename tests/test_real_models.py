@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from fgrpo.chat import prompt_format
+from fgrpo.core.chat import prompt_format
 from fgrpo.config import config_from_dict
 from fgrpo.errors import ConfigError, ModelError
-from fgrpo.model import LORA_PRESETS, add_lora, load_model_and_tokenizer, lora_target_modules, merge_adapter
-from fgrpo.pipeline import build_learner
-from fgrpo.runtime import run_simulation
-from fgrpo.sources import SAMPLE_MATH
-from fgrpo.tasks import SAMPLE_GSM8K
+from fgrpo.core.model import LORA_PRESETS, add_lora, load_model_and_tokenizer, lora_target_modules, merge_adapter
+from fgrpo.core.pipeline import build_learner
+from fgrpo.deploy.runtime import run_simulation
+from fgrpo.data.sources import SAMPLE_MATH
+from fgrpo.data.tasks import SAMPLE_GSM8K
 from tiny_models import ARCHITECTURES, save_tiny_checkpoint
 
 SYSTEM = "Think inside <think></think>, then answer inside <answer></answer>."
@@ -94,7 +94,7 @@ def test_dtype_selection_and_gradient_checkpointing_step(checkpoints, tmp_path):
     config = config_from_dict(federated_config(tmp_path, checkpoints["qwen2"], gradient_checkpointing=True))
     learner = build_learner(config, seed=0)
     assert learner.model.base_model.model.is_gradient_checkpointing
-    from fgrpo.pipeline import build_task_pool
+    from fgrpo.core.pipeline import build_task_pool
 
     train, _ = build_task_pool(config.tasks)
     metrics = learner.step(train[:2])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fgrpo.errors import ConfigError, DataError
-from fgrpo.report import (
+from fgrpo.reporting.report import (
     accuracy_curve,
     accuracy_drop,
     aggregation_weight_curves,

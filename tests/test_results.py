@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from fgrpo.cli import app
 from fgrpo.errors import ConfigError
-from fgrpo.results import MARKER_NAME, is_fgrpo_dir, prepare_run_dir, run_directory
+from fgrpo.reporting.results import MARKER_NAME, is_fgrpo_dir, prepare_run_dir, run_directory
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fgrpo.errors import ConfigError, RewardError
-from fgrpo.rewards import (
+from fgrpo.data.rewards import (
     REWARD_FUNCTIONS,
     WeightedReward,
     apply_reward_scale,
@@ -17,7 +17,7 @@ from fgrpo.rewards import (
     partial_credit_reward,
     resolve_reward_function,
 )
-from fgrpo.tasks import Example
+from fgrpo.data.tasks import Example
 
 
 def columns_of(examples):
@@ -232,7 +232,7 @@ def test_compute_rewards_maps_each_example_to_its_scale():
 
 def test_resolve_registered_and_import_path(tmp_path, monkeypatch):
     assert resolve_reward_function("exact_match") is exact_match_reward
-    assert resolve_reward_function("fgrpo.rewards:format_reward") is format_reward
+    assert resolve_reward_function("fgrpo.data.rewards:format_reward") is format_reward
     (tmp_path / "my_rewards_mod.py").write_text(
         textwrap.dedent(
             """
@@ -266,5 +266,5 @@ def test_resolve_errors():
         resolve_reward_function("exactmatch")
     with pytest.raises(ConfigError, match=r"cannot import module 'no_such_module_xyz' \(ModuleNotFoundError"):
         resolve_reward_function("no_such_module_xyz:fn")
-    with pytest.raises(ConfigError, match=r"module 'fgrpo.rewards' has no attribute 'missing'"):
-        resolve_reward_function("fgrpo.rewards:missing")
+    with pytest.raises(ConfigError, match=r"module 'fgrpo.data.rewards' has no attribute 'missing'"):
+        resolve_reward_function("fgrpo.data.rewards:missing")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fgrpo.model import add_lora, build_tiny_model
-from fgrpo.rollout import completion_log_probs, generate
+from fgrpo.core.model import add_lora, build_tiny_model
+from fgrpo.core.rollout import completion_log_probs, generate
 
 
 @pytest.fixture(scope="module")

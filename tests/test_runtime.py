@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fgrpo.config import METHODS, config_from_dict
-from fgrpo.runtime import run_comparison, run_simulation
+from fgrpo.deploy.runtime import run_comparison, run_simulation
 
 
 def records(run_dir):
@@ -59,7 +59,7 @@ def test_every_method_runs_two_rounds(tmp_path):
     central = records(tmp_path / "cmp" / "centralized" / "seed0")
     # centralized = one client holding the pooled data, doing the work of both clients
     assert {r["client"] for r in central if r["kind"] == "client"} == {0}
-    from fgrpo.report import write_report
+    from fgrpo.reporting.report import write_report
 
     report = write_report(tmp_path / "cmp")
     text = report.read_text()

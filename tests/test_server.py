@@ -13,13 +13,13 @@ from flwr.clientapp import ClientApp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fgrpo.app import CONFIG_KEY, client_evaluate, client_train, dp_clipping_mod
+from fgrpo.federation.app import CONFIG_KEY, client_evaluate, client_train, dp_clipping_mod
 from fgrpo.config import config_from_dict, dump_config
 from fgrpo.errors import ConfigError, FederationError
-from fgrpo.inprocess import InProcessGrid
-from fgrpo.runtime import node_configs, run_simulation
-from fgrpo.server import build_strategy, clip_replies, run_federation, screen_replies
-from fgrpo.strategies import FGRPO
+from fgrpo.federation.inprocess import InProcessGrid
+from fgrpo.deploy.runtime import node_configs, run_simulation
+from fgrpo.federation.server import build_strategy, clip_replies, run_federation, screen_replies
+from fgrpo.federation.strategies import FGRPO
 
 
 def records(run_dir, kind):
@@ -91,7 +91,7 @@ def test_faulty_clients_are_excluded_with_their_reason(tmp_path):
     assert round1["clients/failed"] == 4 and round1["clients/aggregated"] == 1
     weights = [r["agg/weight"] for r in records(tmp_path / "run", "client") if "agg/weight" in r]
     assert weights == [1.0]  # the one healthy client carries the round
-    from fgrpo.report import write_report
+    from fgrpo.reporting.report import write_report
 
     assert write_report(tmp_path / "run").exists()  # failure records do not trip the report
 
@@ -105,7 +105,7 @@ def test_too_few_healthy_clients_fail_clearly_and_keep_the_checkpoint(tmp_path):
     with pytest.raises(FederationError, match=r"only 1 of 2 clients succeeded.*metrics 'reward-mean'|missing or non-finite") as info:
         run_with(faulty_app({1: "nan-metric"}), config, run_dir)
     assert "--resume" in str(info.value)
-    from fgrpo.checkpoint import load_checkpoint
+    from fgrpo.federation.checkpoint import load_checkpoint
 
     assert load_checkpoint(run_dir).server_round == 0  # the initial state survived, ready for --resume
 

@@ -5,12 +5,12 @@ from collections import Counter
 
 import pytest
 
-from fgrpo.client import client_data, partition_labels
+from fgrpo.federation.client import client_data, partition_labels
 from fgrpo.config import SourceConfig, config_from_dict
 from fgrpo.errors import ConfigError, DataError
-from fgrpo.pipeline import build_task_pool
-from fgrpo.sources import SAMPLE_MATH, detect_format, load_source
-from fgrpo.tasks import SAMPLE_GSM8K, is_correct
+from fgrpo.core.pipeline import build_task_pool
+from fgrpo.data.sources import SAMPLE_MATH, detect_format, load_source
+from fgrpo.data.tasks import SAMPLE_GSM8K, is_correct
 
 SUBJECTS = {"Algebra", "Number Theory", "Geometry", "Counting & Probability"}
 
@@ -142,7 +142,7 @@ def test_dirichlet_over_level_and_partition_by_source(tmp_path):
 
 
 def test_partition_labels_of_builtin_families():
-    from fgrpo.tasks import generate_examples
+    from fgrpo.data.tasks import generate_examples
 
     examples = generate_examples("add", 3, seed=0)
     assert partition_labels(examples, "family") == partition_labels(examples, "source") == ["add"] * 3

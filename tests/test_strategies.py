@@ -1,4 +1,4 @@
-"""Tests for fgrpo.strategies: the weight math by hand and by property, the strategies on fake replies."""
+"""Tests for fgrpo.federation.strategies: the weight math by hand and by property, the strategies on fake replies."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fgrpo.errors import ConfigError, FederationError
-from fgrpo.strategies import (
+from fgrpo.federation.strategies import (
     FGRPO,
     STRATEGIES,
     RewardWeighted,

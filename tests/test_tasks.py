@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgrpo.errors import ConfigError, DataError
-from fgrpo.tasks import (
+from fgrpo.data.tasks import (
     FAMILIES,
     SAMPLE_GSM8K,
     Example,

@@ -8,11 +8,11 @@ from typer.testing import CliRunner
 
 from fgrpo.cli import app
 from fgrpo.errors import RewardError
-from fgrpo.evaluate import pass_at_k
-from fgrpo.learner import GRPOLearner
-from fgrpo.model import get_trainable_arrays
-from fgrpo.pipeline import build_reward, build_task_pool, load_policy
-from fgrpo.rewards import WeightedReward
+from fgrpo.core.evaluate import pass_at_k
+from fgrpo.core.learner import GRPOLearner
+from fgrpo.core.model import get_trainable_arrays
+from fgrpo.core.pipeline import build_reward, build_task_pool, load_policy
+from fgrpo.data.rewards import WeightedReward
 
 
 def test_pass_at_k_hand_values():
@@ -99,7 +99,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
 
 def test_existing_results_dir_is_refused(tmp_path, small_config):
     from fgrpo.errors import ConfigError
-    from fgrpo.results import prepare_run_dir
+    from fgrpo.reporting.results import prepare_run_dir
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fgrpo.model import TINY_CHARACTERS
+from fgrpo.core.model import TINY_CHARACTERS
 
 # Chat templates in each family's own style (simplified, same special tokens).
 LLAMA3_TEMPLATE = (

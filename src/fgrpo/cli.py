@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import ConfigError, FgrpoError
+from fgrpo.errors import ConfigError, FgrpoError
 
 app = typer.Typer(
     help="Federated GRPO: RL fine-tuning of language models across data owners, aggregated by relative gain.",
@@ -36,7 +36,7 @@ def friendly_errors(command):
 
 
 def _load(config: Path, set_values: list[str] | None, output: Optional[Path]):
-    from .config import deep_merge, load_config, parse_override
+    from fgrpo.config import deep_merge, load_config, parse_override
 
     overrides: dict = {}
     for text in set_values or []:
@@ -70,7 +70,7 @@ def train(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
     """Centralized GRPO on the pooled task set, with held-out evaluation."""
-    from .train import run_training
+    from fgrpo.core.train import run_training
 
     cfg = _load(config, set_values, output)
     summary = run_training(cfg, overwrite=overwrite, progress=not quiet)
@@ -93,7 +93,7 @@ def run(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
     """One federated experiment, in-process (ServerApp + ClientApp on an in-process grid)."""
-    from .runtime import run_simulation
+    from fgrpo.deploy.runtime import run_simulation
 
     if resume is not None and (overwrite or output is not None):
         raise ConfigError("--resume continues RUN_DIR in place; it cannot be combined with --overwrite or --output")
@@ -125,8 +125,8 @@ def compare(
     report_target: Optional[float] = typer.Option(None, "--target", help="Target accuracy for rounds-to-target."),
 ):
     """The same scenario under each method and seed, then a comparison report."""
-    from .report import write_report
-    from .runtime import run_comparison
+    from fgrpo.reporting.report import write_report
+    from fgrpo.deploy.runtime import run_comparison
 
     cfg = _load(config, set_values, output)
     out_dir = Path(cfg.output.dir)
@@ -147,9 +147,9 @@ def quickstart(
     """The shipped demo: 4 non-IID clients (a task family and reward scale each), FGRPO vs FedAvg vs centralized."""
     from importlib.resources import files
 
-    from .config import load_config
-    from .report import write_report
-    from .runtime import run_comparison
+    from fgrpo.config import load_config
+    from fgrpo.reporting.report import write_report
+    from fgrpo.deploy.runtime import run_comparison
 
     scenario = files("fgrpo") / "scenarios" / "quickstart.toml"
     cfg = load_config(Path(str(scenario)), {"output": {"dir": str(output)}})
@@ -168,7 +168,7 @@ def report(
     out_dir: Optional[Path] = typer.Option(None, help="Where to write the report (default RUN_DIR/report)."),
 ):
     """Write a Markdown + HTML report with plots and a comparison table."""
-    from .report import write_report
+    from fgrpo.reporting.report import write_report
 
     path = write_report(run_dir, target=target, out_dir=out_dir)
     console.print(f"report written to {path} (and {path.with_suffix('.html').name})")
@@ -183,7 +183,7 @@ def merge(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
 ):
     """Merge a trained LoRA adapter into its base model: a plain checkpoint for serving."""
-    from .model import merge_adapter
+    from fgrpo.core.model import merge_adapter
 
     path = merge_adapter(adapter, out, base=base, dtype=dtype)
     console.print(f"merged model written to {path}")
@@ -216,7 +216,7 @@ def flower_commands(
     """Print the exact commands: SuperLink, N SuperNodes (each with its own data), connection, `flwr run`."""
     import shlex
 
-    from . import deploy
+    from fgrpo.deploy import flower as deploy
 
     cfg = _load(config, None, None)
     n = 1 if cfg.federation.method == "centralized" else cfg.federation.num_clients
@@ -272,7 +272,7 @@ def flower_run_config(
     set_values: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Write the run config file for `flwr run . CONNECTION --run-config FILE`."""
-    from .deploy import write_run_config
+    from fgrpo.deploy.flower import write_run_config
 
     cfg = _load(config, set_values, None)
     path = write_run_config(cfg, output, file)
@@ -287,7 +287,7 @@ def flower_connection(
     root_cert: Optional[Path] = typer.Option(None, help="CA certificate (TLS); without it the connection is insecure."),
 ):
     """Add a SuperLink connection to Flower's config file ($FLWR_HOME/config.toml)."""
-    from .deploy import write_connection
+    from fgrpo.deploy.flower import write_connection
 
     path = write_connection(address, name=name, root_cert=root_cert)
     console.print(f"connection '{name}' → {address} ({'TLS' if root_cert else 'insecure'}) in {path}")
@@ -300,7 +300,7 @@ def flower_certs(
     host: Optional[list[str]] = typer.Option(None, "--host", help="SuperLink IP or DNS name for the certificate (repeat)."),
 ):
     """Self-signed CA + SuperLink certificate (for tests and private networks; use your own PKI in production)."""
-    from .deploy import generate_tls_certificates
+    from fgrpo.deploy.flower import generate_tls_certificates
 
     files = generate_tls_certificates(out_dir, tuple(host) if host else ("127.0.0.1", "localhost"))
     console.print(f"wrote {files.ca_cert}, {files.server_cert}, {files.server_key}")
@@ -313,7 +313,7 @@ def flower_keys(
     count: int = typer.Option(2, "--count", "-n", min=1, help="Number of SuperNodes."),
 ):
     """ECDSA P-384 key pairs for SuperNode authentication (as `ssh-keygen -t ecdsa -b 384`)."""
-    from .deploy import generate_supernode_keys
+    from fgrpo.deploy.flower import generate_supernode_keys
 
     pairs = generate_supernode_keys(out_dir, count)
     console.print(f"wrote {len(pairs)} key pairs in {out_dir}")
@@ -332,17 +332,17 @@ def flower_launch(
     app_dir: Optional[Path] = typer.Option(None, "--app", help="The Flower App folder (default: this checkout's root)."),
 ):
     """Start a SuperLink and one SuperNode per client on 127.0.0.1, `flwr run` the config, stop them all."""
-    from .deploy import LocalFederation, flower_app_dir
-    from .checkpoint import has_checkpoint
-    from .results import prepare_run_dir
-    from .runtime import node_configs
+    from fgrpo.deploy.flower import LocalFederation, flower_app_dir
+    from fgrpo.deploy.runtime import node_configs
+    from fgrpo.federation.checkpoint import has_checkpoint
+    from fgrpo.reporting.results import prepare_run_dir
 
     cfg = _load(config, set_values, output)
     app = flower_app_dir(app_dir)
     # Refuse a non-empty or foreign results directory before starting anything; the
     # ServerApp then writes into the marked, empty folder.
     directory = prepare_run_dir(output)
-    from .pipeline import resolve_model_source
+    from fgrpo.core.pipeline import resolve_model_source
 
     resolve_model_source(cfg.model, cfg.tasks)  # build the tiny model's warm start once, not in every ClientApp
     work = work_dir or output.parent / f"{output.name}-flower"

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from fgrpo.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -284,7 +284,7 @@ class AttackConfig(Section):
 
 
 class CompressionConfig(Section):
-    """How clients encode their upload Δ_k = θ_k − θ_t (see fgrpo.compression for the wire format)."""
+    """How clients encode their upload Δ_k = θ_k − θ_t (see fgrpo.federation.compression for the wire format)."""
 
     codec: Literal["none", "fp16", "bf16", "int8"] = Field(
         "none", description="'fp16'/'bf16' halve the upload; 'int8' (block-wise absmax) cuts it ~4×."

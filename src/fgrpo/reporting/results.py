@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import Config, dump_config
-from .errors import ConfigError
+from fgrpo.config import Config, dump_config
+from fgrpo.errors import ConfigError
 
 MARKER_NAME = ".fgrpo-run"
 
 
 def _marker_text(kind: str) -> str:
-    from . import __version__
+    from fgrpo import __version__
 
     return json.dumps({"created_by": "fgrpo", "kind": kind, "version": __version__}) + "\n"
 

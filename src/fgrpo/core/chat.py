@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, ModelError
+from fgrpo.errors import ConfigError, ModelError
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import random
 
-from .config import Config, ModelConfig, TasksConfig
-from .learner import GRPOLearner, seeded
-from .model import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
-from .rewards import WeightedReward, resolve_reward_function
-from .sources import load_source
-from .tasks import Example, FamilySpec, load_jsonl, make_splits
+from fgrpo.config import Config, ModelConfig, TasksConfig
+from fgrpo.core.learner import GRPOLearner, seeded
+from fgrpo.core.model import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
+from fgrpo.data.rewards import WeightedReward, resolve_reward_function
+from fgrpo.data.sources import load_source
+from fgrpo.data.tasks import Example, FamilySpec, load_jsonl, make_splits
 
 
 def _split(examples: list[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -60,7 +60,7 @@ def resolve_model_source(model: ModelConfig, tasks: TasksConfig) -> str:
     """'tiny' becomes the cached warm-started checkpoint (built on first use)."""
     if model.source != "tiny":
         return model.source
-    from .warmstart import warm_started_tiny_model_dir
+    from fgrpo.core.warmstart import warm_started_tiny_model_dir
 
     return str(warm_started_tiny_model_dir(model.warm_start, tasks.families))
 
@@ -89,13 +89,13 @@ def load_policy(model: ModelConfig, tasks: TasksConfig, seed: int):
 
 def build_learner(config: Config, seed: int) -> GRPOLearner:
     """Policy, tokenizer, chat template, rollout backend and reward, wired into one learner."""
-    from .chat import prompt_format
-    from .rollout import generate
+    from fgrpo.core.chat import prompt_format
+    from fgrpo.core.rollout import generate
 
     model, tokenizer = load_policy(config.model, config.tasks, seed)
     generate_fn = generate
     if config.model.generation_backend == "vllm":
-        from .vllm_backend import VLLMGenerator
+        from fgrpo.core.vllm_backend import VLLMGenerator
 
         generate_fn = VLLMGenerator(config.model, resolve_model_source(config.model, config.tasks))
     return GRPOLearner(

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from .errors import ConfigError, FederationError
+from fgrpo.errors import ConfigError, FederationError
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT_VERSION = 2
@@ -271,7 +271,7 @@ def load_checkpoint(run_dir: Path) -> ServerState:
 
 def config_differences(saved_text: str, current_text: str, ignore: tuple[str, ...]) -> list[str]:
     """Dotted keys whose values differ between two resolved configs (TOML text), except `ignore`."""
-    from .config import tomllib  # tomllib, or tomli on Python 3.10
+    from fgrpo.config import tomllib  # tomllib, or tomli on Python 3.10
 
     def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(node, dict):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grpo import completion_mask_after_eos, token_log_probs
+from fgrpo.core.grpo import completion_mask_after_eos, token_log_probs
 
 
 @dataclass

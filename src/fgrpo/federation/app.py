@@ -17,10 +17,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from .client import ClientData, all_client_data, evaluate_arrays, local_round, pooled_data, round_seed
-from .config import Config
-from .learner import GRPOLearner
-from .pipeline import build_learner
+from fgrpo.federation.client import ClientData, all_client_data, evaluate_arrays, local_round, pooled_data, round_seed
+from fgrpo.config import Config
+from fgrpo.core.learner import GRPOLearner
+from fgrpo.core.pipeline import build_learner
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,7 +44,7 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 @lru_cache(maxsize=4)
 def _config_from_text(text: str) -> Config:
-    from .config import config_from_dict, load_config
+    from fgrpo.config import config_from_dict, load_config
 
     if not text.strip():  # `flwr run .` with the pyproject defaults: the packaged quickstart scenario
         from importlib.resources import files
@@ -73,14 +73,14 @@ def _client_data(config_text: str, partition_id: int, num_partitions: int, data_
     config = _config_from_text(config_text)
     if data_path:
         if not Path(data_path).is_file():
-            from .errors import DataError
+            from fgrpo.errors import DataError
 
             raise DataError(f"node config data-path '{data_path}': no such file on this SuperNode")
         return file_client_data(config, partition_id, data_path)
     if config.federation.method == "centralized":
         return pooled_data(config)
     if not 0 <= partition_id < num_partitions:
-        from .errors import ConfigError
+        from fgrpo.errors import ConfigError
 
         raise ConfigError(f"node config partition-id = {partition_id} must be in 0..{num_partitions - 1} (num-partitions)")
     return _partitioned(config_text, num_partitions)[partition_id]
@@ -96,7 +96,7 @@ def file_client_data(config: Config, partition_id: int, data_path: str) -> Clien
     """A SuperNode's own JSONL file (deployment): its prompts never exist anywhere else."""
     import random
 
-    from .tasks import load_jsonl
+    from fgrpo.data.tasks import load_jsonl
 
     examples = load_jsonl(data_path, family=f"client{partition_id}")
     random.Random(config.tasks.seed).shuffle(examples)
@@ -124,7 +124,7 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     from flwr.app import MessageType
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-    from .defense import scale_update, update_norm
+    from fgrpo.federation.defense import scale_update, update_norm
 
     reply = call_next(msg, context)
     config = msg.content.config_records.get("config") if msg.has_content() else None
@@ -155,7 +155,7 @@ def simulate_attack(
 
 def encode_upload(config: Config, start: dict[str, np.ndarray], trained: dict[str, np.ndarray], context: Context) -> dict:
     """What the client sends: θ_k as is, or its compressed delta (the node's context keeps the error-feedback residual)."""
-    from .compression import compress_update
+    from fgrpo.federation.compression import compress_update
 
     options = config.federation.compression
     if options.codec == "none":
@@ -228,8 +228,8 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
     """Flower deployment entry point: the same federation loop as the in-process runtime."""
-    from .deploy import wait_for_nodes
-    from .server import run_federation
+    from fgrpo.deploy.flower import wait_for_nodes
+    from fgrpo.federation.server import run_federation
 
     config = config_from_context(context)
     run_dir = Path(str(context.run_config.get(RUN_DIR_KEY, "")) or config.output.dir)

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import SourceConfig
-from .errors import DataError
-from .tasks import Example, _answer_from_value, _boxed, answer_is_numeric, jsonl_records
+from fgrpo.config import SourceConfig
+from fgrpo.errors import DataError
+from fgrpo.data.tasks import Example, _answer_from_value, _boxed, answer_is_numeric, jsonl_records
 
 FORMAT_COLUMNS: dict[str, tuple[str, str]] = {
     "gsm8k": ("question", "answer"),
@@ -30,7 +30,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, str]] = {
     "generic": ("prompt", "answer"),
 }
 # Shipped MATH-format sample (problem/solution/subject/level), written for fgrpo.
-SAMPLE_MATH = Path(__file__).parent / "data" / "sample_math.jsonl"
+SAMPLE_MATH = Path(__file__).parent / "sample_math.jsonl"
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import ConfigError
-from .grpo import completion_mask_after_eos
-from .rollout import Rollouts
+from fgrpo.config import ModelConfig
+from fgrpo.errors import ConfigError
+from fgrpo.core.grpo import completion_mask_after_eos
+from fgrpo.core.rollout import Rollouts
 
 
 class VLLMGenerator:

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .chat import RAW, PromptFormat
-from .config import GRPOConfig
-from .grpo import group_advantages, grpo_loss
-from .model import trainable_parameters
-from .rewards import WeightedReward, compute_rewards
-from .rollout import Rollouts, completion_log_probs, generate
-from .tasks import Example
+from fgrpo.core.chat import RAW, PromptFormat
+from fgrpo.config import GRPOConfig
+from fgrpo.core.grpo import group_advantages, grpo_loss
+from fgrpo.core.model import trainable_parameters
+from fgrpo.data.rewards import WeightedReward, compute_rewards
+from fgrpo.core.rollout import Rollouts, completion_log_probs, generate
+from fgrpo.data.tasks import Example
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ModelError
+from fgrpo.errors import ModelError
 
 # Printable ASCII plus newline: enough for every built-in task and for JSONL
 # word problems; anything else maps to <unk>.

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import Config, dump_config
-from .errors import ConfigError, FederationError
+from fgrpo.config import Config, dump_config
+from fgrpo.errors import ConfigError, FederationError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,7 +138,7 @@ def register_command(public_key: Path | str, connection: str = CONNECTION) -> li
 
 def flower_app_dir(path: Path | str | None = None) -> Path:
     """The Flower App folder `flwr run` builds (a checkout of this repository: its pyproject has [tool.flwr.app])."""
-    app = Path(path) if path is not None else Path(__file__).resolve().parents[2]
+    app = Path(path) if path is not None else Path(__file__).resolve().parents[3]
     pyproject = app / "pyproject.toml"
     if not pyproject.is_file() or "flwr" not in tomllib.loads(pyproject.read_text()).get("tool", {}):
         raise ConfigError(
@@ -321,7 +321,7 @@ class LocalFederation:
         self.supernode_auth = supernode_auth
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.work_dir / "flwr-home")}
         # Flower's processes run in other working directories: give them this very fgrpo, by absolute path.
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = str(Path(__file__).resolve().parents[2])
         self.env["PYTHONPATH"] = os.pathsep.join(
             [package_root, *(str(Path(p).resolve()) for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p)]
         )

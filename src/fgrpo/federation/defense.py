@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import FederationError
+from fgrpo.errors import FederationError
 
 ROBUST_AGGREGATORS = ("none", "median", "trimmed_mean")
 

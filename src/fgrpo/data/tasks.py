@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from .errors import ConfigError, DataError
+from fgrpo.errors import ConfigError, DataError
 
 DIGITS = "0123456789"
 MAX_DIFFICULTY = 12
 # Shipped sample in GSM8K format (load with prompt_key="question").
-SAMPLE_GSM8K = Path(__file__).parent / "data" / "sample_gsm8k.jsonl"
+SAMPLE_GSM8K = Path(__file__).parent / "sample_gsm8k.jsonl"
 
 # An answer of loaded data is well-formed when it is a number (after normalization).
 LOADED_ANSWER_PATTERN = r"-?\d+(?:\.\d+)?"
@@ -376,7 +376,7 @@ def extract_answer(completion, family: str | None = None) -> str | None:
 
 def is_correct(example: Example, completion) -> bool:
     if example.checker == "math":
-        from .mathcheck import math_answer_correct
+        from fgrpo.data.mathcheck import math_answer_correct
 
         return math_answer_correct(example.answer, completion)
     predicted = extract_answer(completion, example.family)

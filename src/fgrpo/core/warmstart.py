@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .config import FamilyConfig, WarmStartConfig
-from .model import build_tiny_model
-from .tasks import generate_examples
+from fgrpo.config import FamilyConfig, WarmStartConfig
+from fgrpo.core.model import build_tiny_model
+from fgrpo.data.tasks import generate_examples
 
 # Bump when the recipe changes, so stale cached checkpoints are not reused.
 RECIPE_VERSION = 1

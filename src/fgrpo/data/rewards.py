@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError, RewardError
-from .tasks import Example, answer_is_numeric, answer_pattern, extract_answer, is_correct, normalize_answer
+from fgrpo.errors import ConfigError, RewardError
+from fgrpo.data.tasks import Example, answer_is_numeric, answer_pattern, extract_answer, is_correct, normalize_answer
 
 RewardFunction = Callable[..., list]
 
@@ -90,7 +90,7 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 def _math_rewards() -> dict[str, RewardFunction]:
-    from .mathcheck import length_penalty_reward, math_verify_reward, think_answer_format_reward
+    from fgrpo.data.mathcheck import length_penalty_reward, math_verify_reward, think_answer_format_reward
 
     return {
         "math_verify": math_verify_reward,

@@ -31,7 +31,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from .errors import ConfigError, FederationError
+from fgrpo.errors import ConfigError, FederationError
 
 logger = logging.getLogger(__name__)
 

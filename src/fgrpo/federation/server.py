@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from .checkpoint import (
+from fgrpo.federation.checkpoint import (
     ServerState,
     capture_rng,
     config_differences,
@@ -30,13 +30,13 @@ from .checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from .compression import CompressionError, apply_delta, decode_delta
-from .config import CompressionConfig, Config, dump_config
-from .defense import norm_clip_factors, scale_update, screen_update, update_norm
-from .errors import ConfigError, FederationError
-from .model import arrays_nbytes
-from .results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
-from .strategies import make_strategy
+from fgrpo.federation.compression import CompressionError, apply_delta, decode_delta
+from fgrpo.config import CompressionConfig, Config, dump_config
+from fgrpo.federation.defense import norm_clip_factors, scale_update, screen_update, update_norm
+from fgrpo.errors import ConfigError, FederationError
+from fgrpo.core.model import arrays_nbytes
+from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
+from fgrpo.federation.strategies import make_strategy
 
 # Methods that are run modes of the same code rather than Flower strategies.
 PLUMBING_STRATEGY = {"centralized": "fedavg", "local": "fedavg"}
@@ -179,7 +179,7 @@ def screen_replies(
     With a compression codec, each usable reply is decoded in place to θ_t + Δ̂,
     so what follows (clipping, every strategy) sees ordinary float32 weights.
     """
-    from .app import arrays_to_record  # app imports this module
+    from fgrpo.federation.app import arrays_to_record  # app imports this module
 
     ok: list[Message] = []
     failures: list[Failure] = []
@@ -241,7 +241,7 @@ def clip_replies(
     ids = [int(r.content["metrics"]["client-id"]) for r in ok]
     factors = norm_clip_factors(norms, multiple) if multiple is not None else np.ones(len(ok))
     kept, rejected = [], []
-    from .app import arrays_to_record
+    from fgrpo.federation.app import arrays_to_record
 
     for reply, norm, factor, cid in zip(ok, norms, factors, ids):
         if factor < 1.0 and mode == "reject":
@@ -350,8 +350,8 @@ def run_federation(
 
 
 def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: ServerState | None, progress: bool) -> dict:
-    from .app import _shared_learner, arrays_to_record, record_to_arrays
-    from .model import get_trainable_arrays
+    from fgrpo.federation.app import _shared_learner, arrays_to_record, record_to_arrays
+    from fgrpo.core.model import get_trainable_arrays
 
     fed = config.federation
     method = fed.method
@@ -383,7 +383,7 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
 
     train_config = {"local-steps": local_steps_per_round(config), "local-only": method == "local"}
     started = time.perf_counter() - elapsed
-    from .train import _progress
+    from fgrpo.core.train import _progress
 
     def checkpoint(server_round: int, initial: dict, final_accuracy: float) -> None:
         python_rng, numpy_rng = capture_rng()
@@ -508,7 +508,7 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
             bar.update(task, advance=1, info=f"acc {final_accuracy:.1%}")
     wall = time.perf_counter() - started
     if config.output.save_adapter:
-        from .model import set_trainable_arrays
+        from fgrpo.core.model import set_trainable_arrays
 
         set_trainable_arrays(learner.model, record_to_arrays(arrays))
         learner.model.save_pretrained(run_dir / "adapter")

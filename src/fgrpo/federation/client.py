@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import Config
-from .errors import ConfigError
-from .evaluate import evaluate
-from .learner import GRPOLearner, ProximalTerm, seeded
-from .model import get_trainable_arrays, set_trainable_arrays, trainable_parameters
-from .partition import partition
-from .pipeline import build_task_pool
-from .tasks import Example
+from fgrpo.config import Config
+from fgrpo.errors import ConfigError
+from fgrpo.core.evaluate import evaluate
+from fgrpo.core.learner import GRPOLearner, ProximalTerm, seeded
+from fgrpo.core.model import get_trainable_arrays, set_trainable_arrays, trainable_parameters
+from fgrpo.data.partition import partition
+from fgrpo.core.pipeline import build_task_pool
+from fgrpo.data.tasks import Example
 
 
 @dataclass

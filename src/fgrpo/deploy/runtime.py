@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Config, dump_config
-from .errors import ConfigError
-from .results import run_directory
+from fgrpo.config import Config, dump_config
+from fgrpo.errors import ConfigError
+from fgrpo.reporting.results import run_directory
 
 
 def node_configs(config: Config) -> list[dict]:
@@ -34,9 +34,9 @@ def quiet_flower_logs() -> None:
 def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
     """Run one federated experiment in this process (or continue it from its checkpoint); returns the summary."""
     quiet_flower_logs()
-    from .app import CONFIG_KEY, client_app
-    from .inprocess import InProcessGrid
-    from .server import run_federation
+    from fgrpo.federation.app import CONFIG_KEY, client_app
+    from fgrpo.federation.inprocess import InProcessGrid
+    from fgrpo.federation.server import run_federation
 
     run_config = {CONFIG_KEY: dump_config(config)}
     grid = InProcessGrid(client_app, node_configs(config), run_config=run_config)
@@ -56,7 +56,7 @@ def run_comparison(
     config: Config, methods: list[str], seeds: list[int], out_dir: Path, *, overwrite: bool = False, progress: bool = True
 ) -> list[dict]:
     """The same scenario under each method and seed: out_dir/<method>/seed<k>/."""
-    from .config import METHODS
+    from fgrpo.config import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

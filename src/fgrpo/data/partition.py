@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConfigError, DataError
+from fgrpo.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import datasets

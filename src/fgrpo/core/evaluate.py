@@ -9,8 +9,8 @@ from math import comb
 import numpy as np
 import torch
 
-from .rollout import Rollouts, generate
-from .tasks import Example, is_correct
+from fgrpo.core.rollout import Rollouts, generate
+from fgrpo.data.tasks import Example, is_correct
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

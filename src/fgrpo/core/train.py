@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .evaluate import evaluate
-from .pipeline import build_learner, build_task_pool
-from .results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
-from .tasks import Example
+from fgrpo.config import Config
+from fgrpo.core.evaluate import evaluate
+from fgrpo.core.pipeline import build_learner, build_task_pool
+from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
+from fgrpo.data.tasks import Example
 
 
 class PromptSampler:
@@ -20,7 +20,7 @@ class PromptSampler:
 
     def __init__(self, examples: list[Example], seed: int):
         if not examples:
-            from .errors import DataError
+            from fgrpo.errors import DataError
 
             raise DataError("the training set is empty: add task families or files to [tasks]")
         self.examples = examples

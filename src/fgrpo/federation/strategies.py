@@ -1,0 +1,585 @@
+"""Server-side aggregation: FGRPO's gain-weighted average as Flower strategies.
+
+The weight math lives in small pure numpy functions (gains → weights →
+update); `FGRPO` and `RewardWeighted` wrap it in `flwr.serverapp.strategy.FedAvg`
+subclasses that keep FedAvg's sampling and configure_* behaviour and only
+replace `aggregate_train`. Clients send their updated adapter θ_k (not Δ_k),
+so Flower's own FedAvg / FedProx / FedAdam / ... run on the same replies;
+`make_strategy` builds any of them by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Strategy,
+)
+
+from fgrpo.errors import ConfigError, FederationError
+from fgrpo.federation.defense import ROBUST_AGGREGATORS, robust_update
+
+GAINS = ("relative", "zscore")
+# ±inf gains are replaced by ±MAX_GAIN: still "huge" next to any real gain, but finite.
+MAX_GAIN = 1e300
+# Logits are clipped to ±_LOGIT_LIMIT so differences of two of them stay finite.
+_LOGIT_LIMIT = np.finfo(np.float64).max / 8
+
+
+# --------------------------------------------------------------------------- gains
+
+
+@dataclass
+class RunningStats:
+    """Welford's running mean / variance of one client's past mean rewards."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0  # Σ (x − mean)², updated in a numerically stable way
+
+    def update(self, value: float) -> None:
+        self.count += 1
+        diff = value - self.mean
+        self.mean += diff / self.count
+        self.m2 += diff * (value - self.mean)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (ddof = 1); 0.0 with fewer than two values."""
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+
+
+def relative_gain(reward_mean: float, baseline: float | None, delta: float) -> float:
+    """g = (R − B) / max(|B|, δ); 0.0 when the client has no baseline yet.
+
+    Invariant to multiplying R and B by c > 0 as long as |B| ≥ δ and c|B| ≥ δ.
+    """
+    if baseline is None:
+        return 0.0
+    return (reward_mean - baseline) / max(abs(baseline), delta)
+
+
+def zscore_gain(reward_mean: float, history: RunningStats | None, delta: float) -> float:
+    """g = (R − μ) / (σ + δ) with μ, σ the running mean and sample std of past R.
+
+    Needs at least two past values: with one, σ = 0 and g = (R − μ)/δ would be an
+    artefact of δ alone, so the gain is 0.0 (neutral) until a spread is known.
+    Scaling R and its history by c > 0 changes g only through δ (relative
+    change ≈ δ/σ), so it is scale invariant for σ ≫ δ.
+    """
+    if history is None or history.count < 2:
+        return 0.0
+    return (reward_mean - history.mean) / (history.std + delta)
+
+
+def update_baseline(baseline: float | None, reward_mean: float, decay: float) -> float:
+    """EMA B ← βB + (1 − β)R; the first observation initialises B = R."""
+    if baseline is None:
+        return float(reward_mean)
+    return decay * baseline + (1.0 - decay) * reward_mean
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _prior(num_examples: np.ndarray, size_prior: bool) -> np.ndarray:
+    """p_k = n_k / Σ n (exactly as FedAvg computes it), or uniform."""
+    k = len(num_examples)
+    total = float(np.sum(num_examples))
+    if not size_prior or total <= 0:
+        return np.full(k, 1.0 / k)
+    return np.array([float(n) / total for n in num_examples])
+
+
+def _clip_to_bounds(logits: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The weights w_k = clip(c · exp(ℓ_k), lo, hi) with c chosen so that Σ w = 1.
+
+    logits (K,) -> weights (K,). This is the fixed point of clip-and-redistribute:
+    a client over the cap is set to `hi` and its excess goes to the others in
+    proportion to their weights (the same for the floor). Σ_k clip(c·exp(ℓ_k))
+    grows with c, and the set of capped clients (a top set in ℓ) and of floored
+    ones (a bottom set) changes only at "events" c = hi/exp(ℓ_k), lo/exp(ℓ_k).
+    We walk the events in order until the sum reaches 1, then share what the
+    bounded clients leave among the free ones ∝ exp(ℓ_k). Only differences of
+    logits enter, so huge gains lose no precision.
+    """
+    k = len(logits)
+    order = np.argsort(-logits, kind="stable")
+    ell = logits[order]  # (K,), descending
+    log_hi = math.log(hi)
+    log_lo = math.log(lo) if lo > 0 else -math.inf
+    n_cap, n_floor = 0, (k if lo > 0 else 0)  # c → 0: everyone floored (or free when lo = 0)
+    while True:
+        mid = ell[n_cap : k - n_floor]
+        # The next event: cap the largest free client, or free the largest floored one.
+        cap_at = log_hi - ell[n_cap] if n_cap < k - n_floor else math.inf
+        unfloor_at = log_lo - ell[k - n_floor] if n_floor > 0 else math.inf
+        if cap_at == unfloor_at == math.inf:
+            break
+        if cap_at <= unfloor_at:
+            bound, anchor = log_hi, ell[n_cap]
+        else:
+            bound, anchor = log_lo, ell[k - n_floor]
+        # Σ w at the event (log c + ℓ_k = bound + ℓ_k − ℓ_anchor for the free clients).
+        free = np.clip(np.exp(np.minimum(bound + (mid - anchor), log_hi)), lo, hi)
+        if n_cap * hi + n_floor * lo + free.sum() >= 1.0:
+            break
+        if cap_at <= unfloor_at:
+            n_cap += 1
+        else:
+            n_floor -= 1
+    weights = np.empty(k)
+    weights[:n_cap] = hi
+    weights[k - n_floor :] = lo
+    mid = ell[n_cap : k - n_floor]
+    if len(mid):
+        share = np.exp(mid - mid.max())
+        weights[n_cap : k - n_floor] = (1.0 - n_cap * hi - n_floor * lo) * share / share.sum()
+    result = np.empty(k)
+    result[order] = np.clip(weights, lo, hi)
+    return result
+
+
+def aggregation_weights(
+    gains: Sequence[float] | np.ndarray,
+    num_examples: Sequence[float] | np.ndarray,
+    temperature: float = 1.0,
+    w_min: float = 0.0,
+    w_max: float = 1.0,
+    size_prior: bool = True,
+) -> np.ndarray:
+    """FGRPO weights w_k ∝ p_k · exp(g_k / τ), bounded to [w_min, w_max], Σ w = 1.
+
+    gains (K,), num_examples (K,) -> weights (K,).
+    - p_k = n_k / Σn (size_prior) or 1/K; computed as log p_k + g_k/τ and
+      normalised by log-sum-exp, so huge gains do not overflow.
+    - τ = inf returns p exactly (FedAvg's sample-size weights) when p is within
+      the bounds.
+    - Bounds by clip-and-redistribute (see `_clip_to_bounds`); a client never
+      ends above w_max. If the bounds are infeasible (K·w_max < 1 or
+      K·w_min > 1) the effective bounds are max(w_max, 1/K) and min(w_min, 1/K).
+    - Non-finite gains: NaN counts as 0 (no evidence of progress), ±inf as
+      ±MAX_GAIN, so the weights stay finite and sum to 1.
+    """
+    gains = np.asarray(gains, dtype=np.float64).reshape(-1)  # (K,)
+    num_examples = np.asarray(num_examples, dtype=np.float64).reshape(-1)  # (K,)
+    k = len(gains)
+    if k == 0:
+        return np.zeros(0)
+    if len(num_examples) != k:
+        raise ValueError(f"aggregation_weights: {k} gains but {len(num_examples)} num_examples")
+    if np.any(~np.isfinite(num_examples)) or np.any(num_examples < 0):
+        raise ValueError(f"aggregation_weights: num_examples must be finite and >= 0, got {num_examples.tolist()}")
+    if not temperature > 0:
+        raise ValueError(f"aggregation_weights: temperature must be > 0, got {temperature}")
+    lo, hi = min(w_min, 1.0 / k), max(w_max, 1.0 / k)
+
+    prior = _prior(num_examples, size_prior)  # (K,)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if math.isinf(temperature):
+            scaled = np.zeros(k)
+        else:
+            gains = np.nan_to_num(gains, nan=0.0, posinf=MAX_GAIN, neginf=-MAX_GAIN)
+            scaled = np.clip(gains / temperature, -_LOGIT_LIMIT, _LOGIT_LIMIT)
+        logits = np.clip(np.log(prior) + scaled, -_LOGIT_LIMIT, _LOGIT_LIMIT)  # (K,)
+    if math.isinf(temperature):
+        weights = prior  # exactly FedAvg's n_k / Σn, no exp/log round trip
+    else:
+        weights = np.exp(logits - logits.max())
+        weights = weights / weights.sum()
+    if np.all(weights >= lo) and np.all(weights <= hi):
+        return weights
+    return _clip_to_bounds(logits, lo, hi)
+
+
+def reward_weighted_weights(reward_means: Sequence[float] | np.ndarray) -> np.ndarray:
+    """The naive scheme: w_k ∝ max(R_k, 0), uniform if every R_k ≤ 0.
+
+    reward_means (K,) -> (K,). NaN counts as 0; clients reporting +inf share
+    the whole weight equally.
+    """
+    rewards = np.asarray(reward_means, dtype=np.float64).reshape(-1)
+    k = len(rewards)
+    if k == 0:
+        return np.zeros(0)
+    if np.any(np.isposinf(rewards)):
+        top = np.isposinf(rewards).astype(np.float64)
+        return top / top.sum()
+    positive = np.where(np.isfinite(rewards) & (rewards > 0), rewards, 0.0)
+    if positive.max() <= 0:
+        return np.full(k, 1.0 / k)
+    positive = positive / positive.max()  # avoid overflow of Σ for huge rewards
+    return positive / positive.sum()
+
+
+def weighted_update(
+    current: dict[str, np.ndarray],
+    client_arrays: Sequence[dict[str, np.ndarray]],
+    weights: Sequence[float] | np.ndarray,
+    server_lr: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """θ_{t+1} = θ_t + η Σ_k w_k (θ_k − θ_t), array by array.
+
+    Accumulates in float64; floating arrays keep θ_t's dtype. Every client must
+    send exactly θ_t's keys and shapes.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if len(client_arrays) != len(weights):
+        raise FederationError(f"weighted_update: {len(client_arrays)} clients but {len(weights)} weights")
+    for i, arrays in enumerate(client_arrays):
+        if set(arrays) != set(current):
+            missing, extra = sorted(set(current) - set(arrays)), sorted(set(arrays) - set(current))
+            raise FederationError(f"client #{i} sent arrays with missing keys {missing} / unexpected keys {extra}")
+        for key, value in arrays.items():
+            if np.shape(value) != np.shape(current[key]):
+                raise FederationError(
+                    f"client #{i} sent array '{key}' of shape {np.shape(value)}, expected {np.shape(current[key])}"
+                )
+    updated = {}
+    for key, theta in current.items():
+        theta64 = np.asarray(theta, dtype=np.float64)
+        step = np.zeros_like(theta64)
+        for w, arrays in zip(weights, client_arrays):
+            step += w * (np.asarray(arrays[key], dtype=np.float64) - theta64)
+        new = theta64 + server_lr * step
+        updated[key] = new.astype(theta.dtype) if np.issubdtype(theta.dtype, np.floating) else new
+    return updated
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass
+class ClientState:
+    """What the server remembers about one client (keyed by its stable client-id)."""
+
+    baseline: float | None = None
+    history: RunningStats = field(default_factory=RunningStats)
+    rounds_seen: int = 0
+    last_round: int = 0
+
+
+@dataclass(frozen=True)
+class AggregationRecord:
+    """The last round's per-client aggregation, in client-id order, for logging."""
+
+    server_round: int
+    client_ids: list[int]
+    gains: list[float]
+    weights: list[float]
+    reward_means: list[float]
+    num_examples: list[float]
+
+
+@dataclass(frozen=True)
+class _Reply:
+    node_id: int
+    client_id: int
+    num_examples: float
+    reward_mean: float
+    arrays: dict[str, np.ndarray]
+
+
+class _WeightedAverage(FedAvg):
+    """FedAvg with `aggregate_train` replaced by θ_t + η Σ w_k (θ_k − θ_t).
+
+    Subclasses choose the weights (`_weigh`) and may keep per-client state
+    (`_after_round`). θ_t is the ArrayRecord passed to `configure_train`.
+    """
+
+    client_id_key = "client-id"
+    reward_key = "reward-mean"
+
+    def __init__(
+        self, *, server_lr: float = 1.0, aggregator: str = "none", trim_fraction: float = 0.2, **fedavg_kwargs: Any
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        if not (math.isfinite(server_lr) and server_lr >= 0):
+            raise ConfigError(f"{type(self).__name__}: server_lr must be finite and >= 0, got {server_lr}")
+        if aggregator not in ROBUST_AGGREGATORS:
+            raise ConfigError(f"{type(self).__name__}: aggregator must be one of {', '.join(ROBUST_AGGREGATORS)}, got {aggregator!r}")
+        self.server_lr = float(server_lr)
+        self.aggregator = aggregator
+        self.trim_fraction = float(trim_fraction)
+        self.current_arrays: dict[str, np.ndarray] | None = None
+        self.last_aggregation: AggregationRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current_arrays = {key: array.numpy() for key, array in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _weigh(self, server_round: int, replies: list[_Reply]) -> tuple[np.ndarray, np.ndarray]:
+        """(gains (K,), weights (K,)) for the replies, before any state update."""
+        raise NotImplementedError
+
+    def _after_round(self, server_round: int, replies: list[_Reply]) -> None:
+        """Update per-client state once the round is aggregated."""
+
+    def _parse(self, message: Message) -> _Reply:
+        content = message.content
+        node = message.metadata.src_node_id
+        metrics = next(iter(content.metric_records.values()))
+        for key in (self.client_id_key, self.reward_key, self.weighted_by_key):
+            if key not in metrics:
+                raise FederationError(
+                    f"train reply from node {node} has no metric '{key}' "
+                    f"(got {sorted(metrics)}); the ClientApp must report "
+                    f"'{self.client_id_key}', '{self.reward_key}' and '{self.weighted_by_key}'"
+                )
+        client_id = metrics[self.client_id_key]
+        if isinstance(client_id, list) or not (math.isfinite(client_id) and float(client_id) == int(client_id)):
+            raise FederationError(f"train reply from node {node}: '{self.client_id_key}' must be an int, got {client_id!r}")
+        record = next(iter(content.array_records.values()))
+        return _Reply(
+            node_id=node,
+            client_id=int(client_id),
+            num_examples=float(metrics[self.weighted_by_key]),
+            reward_mean=float(metrics[self.reward_key]),
+            arrays={key: array.numpy() for key, array in record.items()},
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if not valid:
+            self.last_aggregation = None
+            return None, None
+        if self.current_arrays is None:
+            raise FederationError(f"{type(self).__name__}.aggregate_train called before configure_train (no θ_t)")
+        parsed = sorted((self._parse(msg) for msg in valid), key=lambda r: r.client_id)
+        ids = [r.client_id for r in parsed]
+        if len(set(ids)) != len(ids):
+            raise FederationError(f"round {server_round}: two nodes reported the same client-id ({ids})")
+
+        gains, weights = self._weigh(server_round, parsed)
+        client_arrays = [r.arrays for r in parsed]
+        if self.aggregator == "none":
+            new_arrays = weighted_update(self.current_arrays, client_arrays, weights, self.server_lr)
+        else:
+            new_arrays = robust_update(
+                self.current_arrays,
+                client_arrays,
+                weights,
+                aggregator=self.aggregator,
+                trim_fraction=self.trim_fraction,
+                server_lr=self.server_lr,
+            )
+        self._after_round(server_round, parsed)
+
+        try:
+            metrics = self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
+        except ZeroDivisionError:  # every client reported 0 examples: Flower's weighted mean is undefined
+            metrics = MetricRecord()
+        if self.client_id_key in metrics:
+            del metrics[self.client_id_key]  # an average of ids means nothing
+        metrics["agg-client-ids"] = ids
+        metrics["agg-weights"] = [float(w) for w in weights]
+        metrics["agg-gains"] = [float(g) for g in gains]
+        self.last_aggregation = AggregationRecord(
+            server_round=server_round,
+            client_ids=ids,
+            gains=[float(g) for g in gains],
+            weights=[float(w) for w in weights],
+            reward_means=[r.reward_mean for r in parsed],
+            num_examples=[r.num_examples for r in parsed],
+        )
+        return ArrayRecord({key: Array(np.asarray(value)) for key, value in new_arrays.items()}), metrics
+
+
+class FGRPO(_WeightedAverage):
+    """FGRPO: weights ∝ p_k · exp(g_k / τ) from each client's gain over its own history.
+
+    Parameters (besides FedAvg's keyword arguments)
+    ----------
+    gain : "relative" (g = (R − B)/max(|B|, δ), B an EMA of past R) or "zscore"
+        (g = (R − μ)/(σ + δ) over past R). First participation: g = 0.
+    temperature : τ > 0; inf recovers FedAvg.
+    baseline_decay : β in [0, 1) of B ← βB + (1 − β)R.
+    delta : δ > 0, floor of the gain's denominator.
+    w_min, w_max : bounds on every client's weight.
+    size_prior : p_k = n_k/Σn (True) or uniform (False).
+    server_lr : η of θ ← θ + η Σ w_k Δ_k.
+
+    Gains are computed against the state *before* this round; then baselines and
+    histories are updated for the clients that took part (a non-finite R is not
+    folded into the state).
+    """
+
+    def __init__(
+        self,
+        *,
+        gain: str = "relative",
+        temperature: float = 1.0,
+        baseline_decay: float = 0.5,
+        delta: float = 1e-3,
+        w_min: float = 0.0,
+        w_max: float = 1.0,
+        size_prior: bool = True,
+        server_lr: float = 1.0,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(server_lr=server_lr, **fedavg_kwargs)
+        if gain not in GAINS:
+            raise ConfigError(f"FGRPO: gain must be one of {', '.join(GAINS)}, got {gain!r}")
+        if not float(temperature) > 0:
+            raise ConfigError(f"FGRPO: temperature must be > 0 (inf for FedAvg), got {temperature}")
+        if not 0 <= baseline_decay < 1:
+            raise ConfigError(f"FGRPO: baseline_decay must be in [0, 1), got {baseline_decay}")
+        if not (math.isfinite(delta) and delta > 0):
+            raise ConfigError(f"FGRPO: delta must be finite and > 0, got {delta}")
+        if not (0 <= w_min <= w_max and 0 < w_max <= 1):
+            raise ConfigError(f"FGRPO: need 0 <= w_min <= w_max <= 1 and w_max > 0, got w_min={w_min}, w_max={w_max}")
+        self.gain = gain
+        self.temperature = float(temperature)
+        self.baseline_decay = float(baseline_decay)
+        self.delta = float(delta)
+        self.w_min = float(w_min)
+        self.w_max = float(w_max)
+        self.size_prior = bool(size_prior)
+        self.clients: dict[int, ClientState] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> FGRPO: gain %s | τ %s | β %s | δ %s", self.gain, self.temperature, self.baseline_decay, self.delta)
+        log(INFO, "\t│\t└── w in [%s, %s] | size prior %s | server lr %s", self.w_min, self.w_max, self.size_prior, self.server_lr)
+        super().summary()
+
+    def client_gain(self, client_id: int, reward_mean: float) -> float:
+        """g_k of a client against its state so far (0.0 for a new client)."""
+        state = self.clients.get(client_id)
+        if self.gain == "relative":
+            return relative_gain(reward_mean, state.baseline if state else None, self.delta)
+        return zscore_gain(reward_mean, state.history if state else None, self.delta)
+
+    def _weigh(self, server_round: int, replies: list[_Reply]) -> tuple[np.ndarray, np.ndarray]:
+        gains = np.array([self.client_gain(r.client_id, r.reward_mean) for r in replies])
+        weights = aggregation_weights(
+            gains,
+            [r.num_examples for r in replies],
+            temperature=self.temperature,
+            w_min=self.w_min,
+            w_max=self.w_max,
+            size_prior=self.size_prior,
+        )
+        return gains, weights
+
+    def _after_round(self, server_round: int, replies: list[_Reply]) -> None:
+        for reply in replies:
+            state = self.clients.setdefault(reply.client_id, ClientState())
+            state.rounds_seen += 1
+            state.last_round = server_round
+            if math.isfinite(reply.reward_mean):
+                state.baseline = update_baseline(state.baseline, reply.reward_mean, self.baseline_decay)
+                state.history.update(reply.reward_mean)
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable per-client state (θ_t is not included: the runtime checkpoints the arrays)."""
+        return {
+            "version": 1,
+            "clients": {
+                str(cid): {
+                    "baseline": s.baseline,
+                    "count": s.history.count,
+                    "mean": s.history.mean,
+                    "m2": s.history.m2,
+                    "rounds_seen": s.rounds_seen,
+                    "last_round": s.last_round,
+                }
+                for cid, s in sorted(self.clients.items())
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (after a JSON round trip too)."""
+        if state.get("version") != 1 or not isinstance(state.get("clients"), dict):
+            raise ConfigError(f"FGRPO.load_state_dict: expected {{'version': 1, 'clients': {{...}}}}, got keys {sorted(state)}")
+        clients = {}
+        for cid, s in state["clients"].items():
+            baseline = s["baseline"]
+            clients[int(cid)] = ClientState(
+                baseline=None if baseline is None else float(baseline),
+                history=RunningStats(int(s["count"]), float(s["mean"]), float(s["m2"])),
+                rounds_seen=int(s["rounds_seen"]),
+                last_round=int(s["last_round"]),
+            )
+        self.clients = clients
+
+
+class RewardWeighted(_WeightedAverage):
+    """The naive baseline: w_k ∝ max(R_k, 0) of the raw mean rewards, server_lr 1.
+
+    Breaks when clients' rewards live on different scales. Its "agg-gains"
+    report R_k itself, the signal its weights come from.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        options.pop("server_lr", None)
+        super().__init__(server_lr=1.0, **options)
+
+    def _weigh(self, server_round: int, replies: list[_Reply]) -> tuple[np.ndarray, np.ndarray]:
+        rewards = np.array([r.reward_mean for r in replies])
+        return rewards, reward_weighted_weights(rewards)
+
+    def state_dict(self) -> dict:
+        return {"version": 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 1:
+            raise ConfigError(f"RewardWeighted.load_state_dict: unknown state {state!r}")
+
+
+# --------------------------------------------------------------------------- factory
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fgrpo": FGRPO,
+    "reward_weighted": RewardWeighted,
+    "fedavg": FedAvg,
+    "fedprox": FedProx,  # option: proximal_mu (sent to clients as config "proximal-mu")
+    "fedadam": FedAdam,  # options: eta, eta_l, beta_1, beta_2, tau
+    "fedyogi": FedYogi,  # options: eta, eta_l, beta_1, beta_2, tau
+    "fedadagrad": FedAdagrad,  # options: eta, eta_l, tau (beta_1 / beta_2 are ignored)
+    "fedavgm": FedAvgM,  # options: server_learning_rate, server_momentum
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,  # option: beta (trimmed share per side)
+}
+
+
+def make_strategy(name: str, **options: Any) -> Strategy:
+    """Build a strategy by name with FedAvg's keyword arguments plus its own options.
+
+    Options set to None are dropped (Flower's default applies). The FedOpt
+    family and FedAvgM take θ_t from `configure_train` in flwr 1.42, so no
+    initial arrays are needed here.
+    """
+    key = name.strip().lower().replace("-", "_")
+    if key not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    if key == "fedadagrad":
+        # Flower's FedAdagrad fixes beta_1 = beta_2 = 0; a shared server-opt config may still carry them.
+        options.pop("beta_1", None)
+        options.pop("beta_2", None)
+    try:
+        return STRATEGIES[key](**options)
+    except TypeError as error:
+        raise ConfigError(f"strategy {name!r}: bad options {sorted(options)}: {error}") from error
+    except ValueError as error:
+        raise ConfigError(f"strategy {name!r}: {error}") from error

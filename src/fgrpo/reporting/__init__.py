@@ -1,0 +1,1 @@
+"""Results: the run directory writer (metrics.jsonl, summary.json) and the comparison report."""
