@@ -112,6 +112,40 @@ def _split(text: str) -> list[str]:
 
 @app.command()
 @friendly_errors
+def tune(
+    config: Path = typer.Argument(..., help="TOML config of the scenario (its [tuned.*] tables are rewritten with --write)."),
+    methods: str = typer.Option("fgrpo,fedavg,centralized", help="Comma-separated methods, each tuned with the same budget."),
+    trials: int = typer.Option(8, min=1, help="Configurations tried per method (the first is the scenario's own values)."),
+    seeds: int = typer.Option(1, min=1, help="Training seeds per configuration (0..N-1); its score is their mean."),
+    output: Path = typer.Option(Path("runs/tune"), "--output", "-o", help="Where the tuning runs go."),
+    write: bool = typer.Option(False, help="Write the chosen values into CONFIG's [tuned.<method>] tables."),
+    set_values: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, help="Replace an earlier tuning directory."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Tune each method's learning rates (and FGRPO's τ) on validation prompts, never the test set."""
+    from fgrpo.reporting.results import run_directory
+    from fgrpo.tuning import SEARCH_SPACES, budget_text, tune_method, write_tuned
+
+    cfg = _load(config, set_values, None)
+    names = _split(methods)
+    unknown = [m for m in names if m not in SEARCH_SPACES]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(SEARCH_SPACES)}")
+    tuned = {}
+    with run_directory(output, overwrite=overwrite, kind="tuning") as directory:
+        for method in names:
+            tuned[method] = tune_method(cfg, method, trials, list(range(seeds)), directory.path, progress=not quiet)
+            directory.commit()
+            values = ", ".join(f"{k} = {v:.4g}" for k, v in tuned[method].values.items())
+            console.print(f"{method}: validation accuracy {tuned[method].best_value:.1%} with {values} ({budget_text(tuned[method])})")
+    if write:
+        write_tuned(config, tuned)
+        console.print(f"wrote [tuned.*] for {', '.join(names)} into {config}")
+
+
+@app.command()
+@friendly_errors
 def compare(
     config: Path = typer.Argument(..., help="TOML config of the scenario."),
     methods: str = typer.Option(

@@ -306,6 +306,13 @@ class FederationConfig(Section):
     fraction_train: float = Field(1.0, gt=0, le=1, description="Share of clients sampled per round.")
     min_train_clients: int = Field(1, ge=1, description="Sample at least this many; fewer successes fail the round.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx μ (used by method 'fedprox').")
+    server_lr: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="Server learning rate η of fedavg, fedprox, fedavgm and reward_weighted: θ ← θ + η (aggregate − θ); "
+        "1.0 is each method as published (FGRPO's is fgrpo.server_lr, FedOpt's server_opt.eta).",
+    )
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds.")
     round_timeout_s: float | None = Field(
         None, gt=0, description="Wait at most this long for a round's replies; late clients count as failed."
@@ -338,6 +345,19 @@ class FederationConfig(Section):
         return self
 
 
+class TunedMethod(Section):
+    """What `fgrpo tune` chose for one method on validation prompts, and the budget it spent choosing."""
+
+    values: dict[str, float] = Field(
+        default_factory=dict, description="Dotted config keys → tuned values, applied whenever this method runs."
+    )
+    trials: int = Field(0, ge=0, description="Configurations tried (the same budget for every method).")
+    seeds: list[int] = Field(default_factory=list, description="Training seeds each trial ran (its score is their mean).")
+    rounds: int = Field(0, ge=0, description="Rounds each trial ran.")
+    objective: str = Field("final validation accuracy", description="What the tuner maximised.")
+    best_value: float | None = Field(None, description="The objective of the chosen values.")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/latest", description="Results directory.")
     save_adapter: bool = Field(True, description="Save the final trainable weights.")
@@ -350,6 +370,17 @@ class Config(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tuned: dict[str, TunedMethod] = Field(
+        default_factory=dict, description="Per-method hyperparameters chosen by `fgrpo tune` on validation prompts."
+    )
+
+    @field_validator("tuned")
+    @classmethod
+    def _tuned_methods(cls, value: dict[str, TunedMethod]) -> dict[str, TunedMethod]:
+        unknown = sorted(set(value) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        return value
 
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:

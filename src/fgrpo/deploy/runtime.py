@@ -44,12 +44,14 @@ def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = 
 
 
 def with_method(config: Config, method: str, seed: int, output_dir: Path) -> Config:
-    """A copy of `config` for one cell of a comparison."""
+    """A copy of `config` for one cell of a comparison, with the method's tuned values (`fgrpo tune`) applied."""
+    from fgrpo.tuning import apply_tuned
+
     data = config.model_dump()
     data["federation"]["method"] = method
     data["training"]["seed"] = seed
     data["output"]["dir"] = str(output_dir)
-    return Config.model_validate(data)
+    return apply_tuned(Config.model_validate(data), method)
 
 
 def run_comparison(

@@ -1,0 +1,63 @@
+"""fgrpo tune: search spaces, the scenario file's [tuned] block, and tuning that never sees the test set."""
+
+from __future__ import annotations
+
+import pytest
+
+from fgrpo.config import config_from_dict, load_config
+from fgrpo.errors import ConfigError
+from fgrpo.tuning import SEARCH_SPACES, apply_tuned, budget_text, trial_config, with_values, write_tuned
+from fgrpo.config import METHODS, TunedMethod
+
+
+def test_every_method_has_a_search_space_with_the_client_learning_rate():
+    assert set(SEARCH_SPACES) == set(METHODS)
+    for method, space in SEARCH_SPACES.items():
+        assert space[0].key == "grpo.learning_rate"
+        assert all(p.low < p.high for p in space)
+        config = config_from_dict({})
+        with_values(config, {p.key: p.low for p in space}, method)  # every key is a real config key
+
+
+def test_tuned_values_apply_only_to_their_method():
+    config = config_from_dict({"tuned": {"fgrpo": {"values": {"grpo.learning_rate": 0.0042}, "trials": 3, "seeds": [0]}}})
+    assert apply_tuned(config, "fgrpo").grpo.learning_rate == 0.0042
+    assert apply_tuned(config, "fedavg").grpo.learning_rate == config.grpo.learning_rate
+    broken = config_from_dict({"tuned": {"fedavg": {"values": {"grpo.learnin_rate": 0.1}}}})
+    with pytest.raises(ConfigError, match=r"(?s)\[tuned.fedavg\].*learnin_rate"):
+        apply_tuned(broken, "fedavg")
+    with pytest.raises(ConfigError, match="unknown method"):
+        config_from_dict({"tuned": {"fedbanana": {}}})
+
+
+def test_a_trial_is_scored_on_validation_never_on_test(tmp_path):
+    config = config_from_dict({"tuned": {"fgrpo": {"values": {"grpo.learning_rate": 0.0042}}}})
+    trial = trial_config(config, "fedavg", 3, {"grpo.learning_rate": 0.001}, tmp_path / "t")
+    assert trial.evaluation.split == "validation"
+    assert trial.federation.method == "fedavg" and trial.training.seed == 3
+    assert trial.grpo.learning_rate == 0.001 and trial.tuned == {} and not trial.output.save_adapter
+
+
+def test_write_tuned_keeps_the_users_text_and_replaces_its_own_block(tmp_path):
+    path = tmp_path / "scenario.toml"
+    path.write_text("# my scenario\n[grpo]\nlearning_rate = 0.002  # why this\n")
+    write_tuned(path, {"fedavg": TunedMethod(values={"grpo.learning_rate": 0.003}, trials=4, seeds=[0], rounds=2)})
+    write_tuned(path, {"fgrpo": TunedMethod(values={"federation.fgrpo.temperature": 2.5}, trials=4, seeds=[0], rounds=2)})
+    write_tuned(path, {"fedavg": TunedMethod(values={"grpo.learning_rate": 0.001}, trials=4, seeds=[0], rounds=2)})
+    text = path.read_text()
+    assert text.startswith("# my scenario\n[grpo]\nlearning_rate = 0.002  # why this\n")
+    assert text.count("# >>> tuned by") == 1 and text.count("[tuned.fedavg.values]") == 1
+    config = load_config(path)
+    assert config.tuned["fedavg"].values == {"grpo.learning_rate": 0.001}  # re-tuned
+    assert config.tuned["fgrpo"].values == {"federation.fgrpo.temperature": 2.5}  # kept
+    assert budget_text(config.tuned["fgrpo"]) == "4 trials × 1 seed × 2 rounds on validation"
+    assert budget_text(None) == "not tuned (the scenario's values)"
+
+
+def test_write_tuned_refuses_tables_it_does_not_own(tmp_path):
+    path = tmp_path / "scenario.toml"
+    path.write_text('[tuned.fedavg.values]\n"grpo.learning_rate" = 0.001\n')
+    before = path.read_text()
+    with pytest.raises(ConfigError, match="its own \\[tuned"):
+        write_tuned(path, {"fgrpo": TunedMethod(values={}, trials=1)})
+    assert path.read_text() == before
