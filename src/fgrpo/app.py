@@ -205,20 +205,22 @@ def client_train(msg: Message, context: Context) -> Message:
 
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
-    """Greedy accuracy of the received (or, local-only, the client's own) weights on the client's held-out split."""
+    """Greedy accuracy of the received (or, local-only, the client's own) weights on the client's held-out split
+    (its test split, or its validation split when `evaluation.split = "validation"`)."""
     config = config_from_context(context)
     learner = shared_learner(context)
     data = node_data(context)
     arrays = record_to_arrays(msg.content["arrays"])
     if bool(msg.content["config"].get("local-only", False)) and LOCAL_ADAPTER_KEY in context.state:
         arrays = record_to_arrays(context.state[LOCAL_ADAPTER_KEY])
-    metrics: dict[str, float | int] = {"num-examples": len(data.test), "client-id": data.client_id}
-    if data.test:
-        result = evaluate_arrays(learner, arrays, data.test, config.grpo.max_completion_length)
+    heldout = data.heldout(config.evaluation.split)
+    metrics: dict[str, float | int] = {"num-examples": len(heldout), "client-id": data.client_id}
+    if heldout:
+        result = evaluate_arrays(learner, arrays, heldout, config.grpo.max_completion_length)
         metrics["acc-heldout"] = result["eval/acc_heldout"]
-        for ex_family in sorted({ex.family for ex in data.test}):
+        for ex_family in sorted({ex.family for ex in heldout}):
             metrics[f"acc/{ex_family}"] = result[f"eval/acc/{ex_family}"]
-            metrics[f"n/{ex_family}"] = sum(ex.family == ex_family for ex in data.test)
+            metrics[f"n/{ex_family}"] = sum(ex.family == ex_family for ex in heldout)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

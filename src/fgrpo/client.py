@@ -8,7 +8,7 @@ aggregate statistics are returned.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,17 +19,29 @@ from .evaluate import evaluate
 from .learner import GRPOLearner, ProximalTerm, seeded
 from .model import get_trainable_arrays, set_trainable_arrays, trainable_parameters
 from .partition import partition
-from .pipeline import build_task_pool
+from .pipeline import build_task_splits
 from .tasks import Example
 
 
 @dataclass
 class ClientData:
-    """A client's private examples: its training prompts and its held-out split."""
+    """A client's private examples: its training prompts, its validation and its held-out test split."""
 
     client_id: int
     train: list[Example]
     test: list[Example]
+    validation: list[Example] = field(default_factory=list)
+
+    def heldout(self, split: str) -> list[Example]:
+        """The examples evaluation uses: the test split, or validation (`evaluation.split`)."""
+        if split != "validation":
+            return self.test
+        if not self.validation and self.test:
+            raise ConfigError(
+                f"evaluation.split = 'validation', but client {self.client_id} has no validation examples; "
+                "set tasks.validation_per_family (families) or validation_fraction (files, sources) above 0"
+            )
+        return self.validation
 
 
 def client_data(config: Config, client_id: int, num_clients: int) -> ClientData:
@@ -46,17 +58,20 @@ def all_client_data(config: Config, num_clients: int) -> list[ClientData]:
     One call builds all shares, so a process simulating 1,000 clients builds
     the pool and partitions it once, not once per client.
     """
-    train_pool, test_pool = build_task_pool(config.tasks)
+    splits = build_task_splits(config.tasks)
     options = {"alpha": config.federation.partition.alpha}
     scheme = config.federation.partition.scheme
     seed = config.tasks.seed
     by = config.tasks.partition_by
-    train_parts = partition(partition_labels(train_pool, by), scheme, num_clients, seed, **options)
-    test_parts = partition(partition_labels(test_pool, by), scheme, num_clients, seed, **options)
-    return [
-        ClientData(k, [train_pool[i] for i in train_parts[k]], [test_pool[i] for i in test_parts[k]])
-        for k in range(num_clients)
-    ]
+
+    def shares(pool: list[Example]) -> list[list[Example]]:
+        if not pool:
+            return [[] for _ in range(num_clients)]
+        parts = partition(partition_labels(pool, by), scheme, num_clients, seed, **options)
+        return [[pool[i] for i in part] for part in parts]
+
+    train, test, validation = shares(splits.train), shares(splits.test), shares(splits.validation)
+    return [ClientData(k, train[k], test[k], validation[k]) for k in range(num_clients)]
 
 
 def partition_labels(examples: list[Example], by: str = "family") -> list[str]:
@@ -83,8 +98,8 @@ def partition_labels(examples: list[Example], by: str = "family") -> list[str]:
 
 def pooled_data(config: Config) -> ClientData:
     """Centralized mode: one client holding every example."""
-    train_pool, test_pool = build_task_pool(config.tasks)
-    return ClientData(0, train_pool, test_pool)
+    splits = build_task_splits(config.tasks)
+    return ClientData(0, splits.train, splits.test, splits.validation)
 
 
 def round_seed(seed: int, client_id: int, server_round: int) -> int:

@@ -89,6 +89,9 @@ class FamilyConfig(Section):
         return value
 
 
+VALIDATION_FRACTION_HELP = "Share of the training rows set aside for validation (0 = none; small files need every row)."
+
+
 class FileConfig(Section):
     path: str = Field(description="A JSONL file, one example per line.")
     prompt_key: str = Field("prompt", description="Column holding the prompt ('question' for GSM8K).")
@@ -96,6 +99,7 @@ class FileConfig(Section):
     family: str = Field("jsonl", description="Task label these examples get.")
     reward_scale: tuple[float, float] = (0.0, 1.0)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for evaluation.")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description=VALIDATION_FRACTION_HELP)
 
 
 class SourceConfig(Section):
@@ -117,6 +121,7 @@ class SourceConfig(Section):
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for evaluation.")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description=VALIDATION_FRACTION_HELP)
     reward_scale: tuple[float, float] = (0.0, 1.0)
 
 
@@ -145,6 +150,12 @@ class TasksConfig(Section):
     )
     train_per_family: int = Field(2000, ge=1, description="Training prompts generated per family.")
     test_per_family: int = Field(100, ge=1, description="Held-out prompts per family.")
+    validation_per_family: int = Field(
+        100,
+        ge=0,
+        description="Training prompts per family set aside for validation (choosing hyperparameters; "
+        "never trained on, disjoint from the held-out test set); 0 = none.",
+    )
     rewards: list[RewardConfig] = Field(
         default_factory=lambda: [RewardConfig(name="exact_match", weight=1.0)],
         description="Reward functions (TRL signature) summed with weights; the sum is mapped to each family's reward_scale.",
@@ -315,6 +326,14 @@ class FederationConfig(Section):
         return self
 
 
+class EvaluationConfig(Section):
+    split: Literal["test", "validation"] = Field(
+        "test",
+        description="Which held-out prompts every evaluation uses: 'test' (the reported numbers) or 'validation' "
+        "(carved from the training prompts; choose scenarios and hyperparameters on it, never on test).",
+    )
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/latest", description="Results directory.")
     save_adapter: bool = Field(True, description="Save the final trainable weights.")
@@ -326,6 +345,7 @@ class Config(Section):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
 

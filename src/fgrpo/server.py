@@ -466,6 +466,7 @@ def run_federation(
         "rounds": fed.rounds,
         "initial/acc_heldout": initial["global/acc_heldout"],
         "final/acc_heldout": final_accuracy,
+        "eval_split": config.evaluation.split,
         "wall_s": wall,
         **_privacy_spent(strategy),
     }

@@ -10,7 +10,7 @@ import torch
 
 from .config import Config
 from .evaluate import evaluate
-from .pipeline import build_learner, build_task_pool
+from .pipeline import build_learner, build_task_splits
 from .results import MetricsWriter, prepare_run_dir, write_config, write_summary
 from .tasks import Example
 
@@ -59,7 +59,8 @@ def run_training(config: Config, *, overwrite: bool = False, progress: bool = Tr
     write_config(run_dir, config)
     seed = config.training.seed
     seed_everything(seed)
-    train_set, test_set = build_task_pool(config.tasks)
+    splits = build_task_splits(config.tasks)
+    train_set, test_set = splits.train, splits.heldout(config.evaluation.split)
     learner = build_learner(config, seed)
     model, tokenizer = learner.model, learner.tokenizer
     sampler = PromptSampler(train_set, seed)
@@ -102,6 +103,7 @@ def run_training(config: Config, *, overwrite: bool = False, progress: bool = Tr
         "steps": step,
         "initial/acc_heldout": first["eval/acc_heldout"],
         "final/acc_heldout": last["eval/acc_heldout"],
+        "eval_split": config.evaluation.split,
         "wall_s": wall,
     }
     write_summary(run_dir, summary)
