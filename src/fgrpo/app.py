@@ -104,6 +104,20 @@ def file_client_data(config: Config, partition_id: int, data_path: str) -> Clien
     return ClientData(partition_id, examples[num_test:], examples[:num_test])
 
 
+def global_heldout(context: Context, split: str) -> list | None:
+    """Every owner's held-out examples together, for scoring a local-only model beyond its own split.
+
+    Only a simulated node can rebuild them (from the shared pool definition); a
+    node with its own data file cannot see other owners' data, so it gets None.
+    """
+    node = context.node_config
+    config_text = str(context.run_config[CONFIG_KEY])
+    if str(node.get("data-path", "")) or _config_from_text(config_text).federation.method == "centralized":
+        return None
+    shares = _partitioned(config_text, int(node.get("num-partitions", 1)))
+    return [ex for share in shares for ex in share.heldout(split)]
+
+
 def node_data(context: Context) -> ClientData:
     node = context.node_config
     return _client_data(
@@ -211,7 +225,8 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     learner = shared_learner(context)
     data = node_data(context)
     arrays = record_to_arrays(msg.content["arrays"])
-    if bool(msg.content["config"].get("local-only", False)) and LOCAL_ADAPTER_KEY in context.state:
+    local_only = bool(msg.content["config"].get("local-only", False))
+    if local_only and LOCAL_ADAPTER_KEY in context.state:
         arrays = record_to_arrays(context.state[LOCAL_ADAPTER_KEY])
     heldout = data.heldout(config.evaluation.split)
     metrics: dict[str, float | int] = {"num-examples": len(heldout), "client-id": data.client_id}
@@ -221,6 +236,10 @@ def client_evaluate(msg: Message, context: Context) -> Message:
         for ex_family in sorted({ex.family for ex in heldout}):
             metrics[f"acc/{ex_family}"] = result[f"eval/acc/{ex_family}"]
             metrics[f"n/{ex_family}"] = sum(ex.family == ex_family for ex in heldout)
+    everyone = global_heldout(context, config.evaluation.split) if local_only else None
+    if everyone:  # local-only reported twice: on its own split (above) and on every owner's held-out data
+        result = evaluate_arrays(learner, arrays, everyone, config.grpo.max_completion_length)
+        metrics["acc-global-set"] = result["eval/acc_heldout"]
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
