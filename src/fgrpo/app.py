@@ -32,6 +32,7 @@ RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
 LOCAL_ADAPTER_KEY = "local-adapter"
 RESIDUAL_KEY = "compression-residual"
+OPTIMIZER_KEY = "optimizer-state"
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -198,6 +199,7 @@ def client_train(msg: Message, context: Context) -> Message:
     if local_only and LOCAL_ADAPTER_KEY in context.state:
         start = record_to_arrays(context.state[LOCAL_ADAPTER_KEY])  # local-only ignores the global model
     server_round = int(round_config.get("server-round", 0))
+    keep_optimizer = config.federation.keep_optimizer_state
     arrays, metrics = local_round(
         learner,
         start,
@@ -206,7 +208,10 @@ def client_train(msg: Message, context: Context) -> Message:
         prompts_per_step=config.training.prompts_per_step,
         seed=round_seed(config.training.seed, data.client_id, server_round),
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        optimizer_state=record_to_arrays(context.state[OPTIMIZER_KEY]) if keep_optimizer and OPTIMIZER_KEY in context.state else None,
     )
+    if keep_optimizer:  # the node's own state: it never leaves the client
+        context.state[OPTIMIZER_KEY] = arrays_to_record(learner.optimizer_state_arrays())
     arrays, metrics = simulate_attack(config, data.client_id, server_round, start, arrays, metrics)
     if local_only:
         context.state[LOCAL_ADAPTER_KEY] = arrays_to_record(arrays)

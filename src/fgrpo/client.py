@@ -123,11 +123,18 @@ def local_round(
     prompts_per_step: int,
     seed: int,
     proximal_mu: float = 0.0,
+    optimizer_state: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Train from `start_arrays` for `local_steps` GRPO steps; return (θ_k, metrics)."""
+    """Train from `start_arrays` for `local_steps` GRPO steps; return (θ_k, metrics).
+
+    The optimizer starts fresh unless `optimizer_state` (this client's AdamW
+    moments from its previous round, `learner.optimizer_state_arrays()`) is given.
+    """
     model = learner.model
     set_trainable_arrays(model, start_arrays)
     learner.reset_optimizer()
+    if optimizer_state is not None:
+        learner.load_optimizer_state_arrays(optimizer_state)
     proximal = None
     if proximal_mu > 0:
         anchor = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}

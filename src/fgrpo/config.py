@@ -300,6 +300,11 @@ class FederationConfig(Section):
     num_clients: int = Field(4, ge=1, le=100_000)
     rounds: int = Field(10, ge=1)
     local_steps: int = Field(5, ge=1, description="GRPO steps E per client per round.")
+    keep_optimizer_state: bool = Field(
+        False,
+        description="Each client keeps its AdamW moments from its previous round (in its own node state, never "
+        "sent) instead of starting every round with a fresh optimizer; centralized then trains like one run.",
+    )
     fraction_train: float = Field(1.0, gt=0, le=1, description="Share of clients sampled per round.")
     min_train_clients: int = Field(1, ge=1, description="Sample at least this many; fewer successes fail the round.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx μ (used by method 'fedprox').")
