@@ -79,7 +79,7 @@ def main() -> None:
     if min(counts) < args.sampled:
         raise SystemExit(f"--sampled {args.sampled} is more than the smallest client count {min(counts)}")
 
-    families, prompts_per_step = 4, 16  # the quickstart scenario's
+    families, prompts_per_step = 3, 32  # the quickstart scenario's
     train_per_family = -(-max(counts) * prompts_per_step // families)  # every client fills its batches
     test_per_family = -(-max(counts) // families)  # at least one held-out example per client
     results = [run_one(n, args.sampled, args.rounds, args.local_steps, train_per_family, test_per_family) for n in counts]

@@ -223,8 +223,8 @@ def test_write_report_compare_dir(compare_dir):
         _assert_png(out / name)
     assert not (out / "train_reward.png").exists()
     md = md_path.read_text()
-    assert "| fgrpo | 2 | 60.0% ± 14.1 pp | 3 | 9.0 KiB | 5.0 pp | 2.5 min |" in md
-    assert "| fedavg | 2 | 40.0% ± 0.0 pp | not reached | 3.0 MiB | 2.5 pp | – |" in md
+    assert "| fgrpo | 2 | 20.0% ± 0.0 pp | 60.0% ± 14.1 pp | 3 | 9.0 KiB | 5.0 pp | 2.5 min |" in md
+    assert "| fedavg | 2 | 20.0% ± 0.0 pp | 40.0% ± 0.0 pp | not reached | 3.0 MiB | 2.5 pp | – |" in md
     assert "56.0%" in md and "two-scales" in md
     assert "![Client rewards (each on its own scale)](client_rewards.png)" in md
     assert "How to read this" in md
@@ -238,8 +238,8 @@ def test_write_report_given_target_and_out_dir(compare_dir, tmp_path):
     assert md_path == tmp_path / "elsewhere" / "report.md"
     md = md_path.read_text()
     assert "30.0% (given)" in md
-    assert "| fedavg | 2 | 40.0% ± 0.0 pp | 3 |" in md  # means 0.20 0.275 0.275 0.40
-    assert "| fgrpo | 2 | 60.0% ± 14.1 pp | 1 |" in md
+    assert "| fedavg | 2 | 20.0% ± 0.0 pp | 40.0% ± 0.0 pp | 3 |" in md  # means 0.20 0.275 0.275 0.40
+    assert "| fgrpo | 2 | 20.0% ± 0.0 pp | 60.0% ± 14.1 pp | 1 |" in md
 
 
 def test_write_report_skips_plots_without_data(compare_dir):

@@ -77,3 +77,20 @@ def test_same_seed_same_result(tmp_path):
     ra = strip_timing(records(tmp_path / "a" / "run"))
     rb = strip_timing(records(tmp_path / "b" / "run"))
     assert ra == rb and a["final/acc_heldout"] == b["final/acc_heldout"]
+
+
+def test_local_only_is_scored_on_its_own_split_and_on_the_global_set_and_sends_nothing(tmp_path):
+    from conftest import small_config_dict
+
+    data = small_config_dict(tmp_path)
+    data["federation"] = {**data["federation"], "method": "local", "partition": {"scheme": "by_family"}}
+    summary = run_simulation(config_from_dict(data), progress=False)
+    rounds = [r for r in records(tmp_path / "run") if r["kind"] == "round"]
+    assert all(r["comm/bytes_up"] == 0 and r["comm/bytes_down"] == 0 for r in rounds[1:])
+    # by_family: each owner's own split holds one family, the global set both
+    assert all(0.0 <= r["global/acc_global_set"] <= 1.0 for r in rounds)
+    assert summary["final/acc_global_set"] == rounds[-1]["global/acc_global_set"]
+    from fgrpo.reporting.report import write_report
+
+    text = write_report(tmp_path / "run").read_text()
+    assert "Final acc, global held-out set" in text and "0 B" in text

@@ -13,6 +13,7 @@ from fgrpo.data.tasks import (
     Example,
     FamilySpec,
     answer_is_numeric,
+    carve_validation,
     completion_text,
     extract_answer,
     generate_examples,
@@ -132,6 +133,22 @@ def test_make_splits_same_family_twice_stays_disjoint():
     train, test = make_splits(specs, n_train=60, n_test=40, seed=0)
     assert not {x.prompt for x in train} & {x.prompt for x in test}
     assert len({x.prompt for x in test}) == len(test) == 70  # 40, then half of the 60 left
+
+
+def test_carve_validation_is_disjoint_sized_and_deterministic():
+    train, test = make_splits([FamilySpec("add", 2), FamilySpec("sort", 1)], n_train=200, n_test=4, seed=3)
+    rest, validation = carve_validation(train, per_family=30, seed=3)
+    by_family = lambda xs, f: [x for x in xs if x.family == f]  # noqa: E731
+    assert len(by_family(validation, "add")) == 30
+    # sort at difficulty 1: 10 prompts, test took 4, train repeats the other 6; half of them are carved
+    assert len(by_family(validation, "sort")) == 3
+    assert len({x.prompt for x in validation}) == len(validation)
+    assert not {x.prompt for x in rest} & {x.prompt for x in validation}  # every copy of a carved prompt left train
+    assert len(by_family(rest, "add")) == 170 and len({x.prompt for x in by_family(rest, "sort")}) == 3
+    assert (rest, validation) == carve_validation(train, per_family=30, seed=3)
+    assert carve_validation(train, per_family=0, seed=3) == (train, [])
+    with pytest.raises(ConfigError, match=">= 0"):
+        carve_validation(train, per_family=-1, seed=3)
 
 
 def test_make_splits_errors():

@@ -53,6 +53,41 @@ def test_learner_with_kl_uses_base_model_as_reference(small_config):
     assert metrics["train/kl"] > 0  # the adapter moved away from the base model
 
 
+def test_kept_optimizer_state_continues_adamw_exactly(small_config):
+    """Two rounds with the kept state = two steps of one run; a fresh optimizer takes a different second step."""
+    from fgrpo.federation.client import ClientData, local_round
+    from fgrpo.core.learner import seeded
+
+    train, _ = build_task_pool(small_config.tasks)
+    model, tokenizer = load_policy(small_config.model, small_config.tasks, seed=0)
+
+    def length_reward(prompts, completions, **kwargs):  # varies within a group, so every step moves the adapter
+        return [float(len(c)) for c in completions]
+
+    learner = GRPOLearner(model, tokenizer, small_config.grpo, WeightedReward([(length_reward, 1.0)]))
+    start = get_trainable_arrays(model)
+    data = ClientData(0, train[:2], [])
+
+    def two_rounds(keep: bool) -> dict:
+        arrays, _ = local_round(learner, start, data, local_steps=1, prompts_per_step=2, seed=1)
+        state = learner.optimizer_state_arrays() if keep else None
+        arrays, _ = local_round(learner, dict(arrays), data, local_steps=1, prompts_per_step=2, seed=2, optimizer_state=state)
+        return {k: v.copy() for k, v in arrays.items()}
+
+    kept, fresh = two_rounds(keep=True), two_rounds(keep=False)
+    from fgrpo.core.model import set_trainable_arrays
+
+    set_trainable_arrays(model, start)
+    learner.reset_optimizer()
+    for seed in (1, 2):  # what local_round does per round, without the reset in between
+        with seeded(seed):
+            learner.step(train[:2])
+    continuous = get_trainable_arrays(model)
+    assert all(np.allclose(kept[k], continuous[k], atol=1e-7) for k in continuous)
+    assert any(not np.allclose(fresh[k], continuous[k], atol=1e-6) for k in continuous)
+    assert learner.optimizer_state_arrays().keys() == {f"{k}/{s}" for k in continuous for s in ("step", "exp_avg", "exp_avg_sq")}
+
+
 def test_reward_function_that_raises_is_named(small_config):
     train, _ = build_task_pool(small_config.tasks)
     model, tokenizer = load_policy(small_config.model, small_config.tasks, seed=0)

@@ -178,7 +178,7 @@ def quickstart(
     overwrite: bool = typer.Option(True, help="Replace an earlier quickstart."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
-    """The shipped demo: 4 non-IID clients (a task family and reward scale each), FGRPO vs FedAvg vs centralized."""
+    """The shipped demo: 4 non-IID owners (skewed mixes of 3 task families on different reward scales), FGRPO vs FedAvg vs centralized."""
     from importlib.resources import files
 
     from fgrpo.config import load_config

@@ -103,6 +103,9 @@ class FamilyConfig(Section):
 
 
 
+VALIDATION_FRACTION_HELP = "Share of the training rows set aside for validation (0 = none; small files need every row)."
+
+
 class FileConfig(Section):
     path: str = Field(description="A JSONL file, one example per line.")
     prompt_key: str = Field("prompt", description="Column holding the prompt ('question' for GSM8K).")
@@ -110,6 +113,7 @@ class FileConfig(Section):
     family: str = Field("jsonl", description="Task label these examples get.")
     reward_scale: RewardScale = (0.0, 1.0)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for evaluation.")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description=VALIDATION_FRACTION_HELP)
 
 
 class SourceConfig(Section):
@@ -131,6 +135,7 @@ class SourceConfig(Section):
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for evaluation.")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description=VALIDATION_FRACTION_HELP)
     reward_scale: RewardScale = (0.0, 1.0)
 
 
@@ -159,6 +164,12 @@ class TasksConfig(Section):
     )
     train_per_family: int = Field(2000, ge=1, le=200_000, description="Training prompts generated per family.")
     test_per_family: int = Field(100, ge=1, le=100_000, description="Held-out prompts per family.")
+    validation_per_family: int = Field(
+        100,
+        ge=0,
+        description="Training prompts per family set aside for validation (choosing hyperparameters; "
+        "never trained on, disjoint from the held-out test set); 0 = none.",
+    )
     rewards: list[RewardConfig] = Field(
         default_factory=lambda: [RewardConfig(name="exact_match", weight=1.0)],
         description="Reward functions (TRL signature) summed with weights; the sum is mapped to each family's reward_scale.",
@@ -303,6 +314,11 @@ class FederationConfig(Section):
     num_clients: int = Field(4, ge=1, le=100_000)
     rounds: int = Field(10, ge=1)
     local_steps: int = Field(5, ge=1, description="GRPO steps E per client per round.")
+    keep_optimizer_state: bool = Field(
+        False,
+        description="Each client keeps its AdamW moments from its previous round (in its own node state, never "
+        "sent) instead of starting every round with a fresh optimizer; centralized then trains like one run.",
+    )
     fraction_train: float = Field(1.0, gt=0, le=1, description="Share of clients sampled per round.")
     min_train_clients: int = Field(1, ge=1, description="Sample at least this many; fewer successes fail the round.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx μ (used by method 'fedprox').")
@@ -345,6 +361,14 @@ class FederationConfig(Section):
         return self
 
 
+class EvaluationConfig(Section):
+    split: Literal["test", "validation"] = Field(
+        "test",
+        description="Which held-out prompts every evaluation uses: 'test' (the reported numbers) or 'validation' "
+        "(carved from the training prompts; choose scenarios and hyperparameters on it, never on test).",
+    )
+
+
 class TunedMethod(Section):
     """What `fgrpo tune` chose for one method on validation prompts, and the budget it spent choosing."""
 
@@ -369,6 +393,7 @@ class Config(Section):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tuned: dict[str, TunedMethod] = Field(
         default_factory=dict, description="Per-method hyperparameters chosen by `fgrpo tune` on validation prompts."

@@ -75,6 +75,25 @@ class GRPOLearner:
         except (RuntimeError, ValueError):  # a device or dtype without a fused AdamW
             self.optimizer = torch.optim.AdamW(params, **options)
 
+    def optimizer_state_arrays(self) -> dict[str, np.ndarray]:
+        """AdamW's moments and step count as named float32 arrays ("<param>/exp_avg", ...), to keep between rounds."""
+        arrays: dict[str, np.ndarray] = {}
+        for name, param in trainable_parameters(self.model).items():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                arrays[f"{name}/{key}"] = value.detach().to("cpu", torch.float32).numpy().copy()
+        return arrays
+
+    def load_optimizer_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what `optimizer_state_arrays` returned (onto a fresh optimizer); params it lacks start fresh."""
+        for name, param in trainable_parameters(self.model).items():
+            state = {
+                key: torch.as_tensor(arrays[f"{name}/{key}"]).to(param.device, param.dtype if key != "step" else torch.float32)
+                for key in ("step", "exp_avg", "exp_avg_sq")
+                if f"{name}/{key}" in arrays
+            }
+            if len(state) == 3:
+                self.optimizer.state[param] = state
+
     def sample(
         self,
         prompts: list[str],

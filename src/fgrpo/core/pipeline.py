@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import functools
 import random
+from dataclasses import dataclass
 
 from fgrpo.config import Config, ModelConfig, TasksConfig
+from fgrpo.errors import ConfigError
 from fgrpo.core.learner import GRPOLearner, seeded
 from fgrpo.core.model import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
 from fgrpo.data.rewards import WeightedReward, resolve_reward_function
 from fgrpo.data.sources import load_source
-from fgrpo.data.tasks import Example, FamilySpec, load_jsonl, make_splits
+from fgrpo.data.tasks import Example, FamilySpec, load_jsonl, carve_validation, make_splits
 
 
 def _split(examples: list[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -25,20 +27,59 @@ def _split(examples: list[Example], test_fraction: float, seed: int) -> tuple[li
     return examples[num_test:], examples[:num_test]
 
 
-def build_task_pool(tasks: TasksConfig) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples: synthetic families, JSONL files, then dataset sources."""
+def _carve_fraction(train: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+    """(train, validation): the first `fraction` of an already shuffled training part."""
+    num_validation = round(len(train) * fraction)
+    validation = train[:num_validation]
+    carved = {ex.prompt for ex in validation}  # a row repeated in the file never lands on both sides
+    return [ex for ex in train[num_validation:] if ex.prompt not in carved], validation
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    """Three disjoint prompt sets: train, validation (carved from the training prompts) and held-out test.
+
+    Scenarios and hyperparameters are chosen on `validation` (`evaluation.split`);
+    `test` is for the numbers a run reports, so it never steers a choice.
+    """
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+    def heldout(self, split: str) -> list[Example]:
+        """The examples evaluation uses for `evaluation.split`."""
+        if split != "validation":
+            return self.test
+        if not self.validation:
+            raise ConfigError(
+                "evaluation.split = 'validation', but the pool has no validation examples; set "
+                "tasks.validation_per_family (families) or validation_fraction (files, sources) above 0"
+            )
+        return self.validation
+
+
+def build_task_splits(tasks: TasksConfig) -> TaskSplits:
+    """Train / validation / test examples: synthetic families, JSONL files, then dataset sources."""
     specs = [FamilySpec(f.name, f.difficulty, tuple(f.reward_scale), f.weight) for f in tasks.families]
     train, test = make_splits(specs, tasks.train_per_family, tasks.test_per_family, tasks.seed) if specs else ([], [])
+    train, validation = carve_validation(train, tasks.validation_per_family, tasks.seed)
     for file in tasks.files:
         examples = load_jsonl(file.path, file.prompt_key, file.answer_key, file.family, tuple(file.reward_scale))
         file_train, file_test = _split(examples, file.test_fraction, tasks.seed)
-        train += file_train
-        test += file_test
+        file_train, file_validation = _carve_fraction(file_train, file.validation_fraction)
+        train, validation, test = train + file_train, validation + file_validation, test + file_test
     for source in tasks.sources:
         source_train, source_test = _split(load_source(source), source.test_fraction, tasks.seed)
-        train += source_train
-        test += source_test
-    return train, test
+        source_train, source_validation = _carve_fraction(source_train, source.validation_fraction)
+        train, validation, test = train + source_train, validation + source_validation, test + source_test
+    return TaskSplits(train, validation, test)
+
+
+def build_task_pool(tasks: TasksConfig) -> tuple[list[Example], list[Example]]:
+    """(train, held-out test) examples; the validation prompts are in neither (see `build_task_splits`)."""
+    splits = build_task_splits(tasks)
+    return splits.train, splits.test
 
 
 def build_reward(tasks: TasksConfig, max_completion_length: int | None = None) -> WeightedReward:

@@ -10,7 +10,7 @@ import torch
 
 from fgrpo.config import Config
 from fgrpo.core.evaluate import evaluate
-from fgrpo.core.pipeline import build_learner, build_task_pool
+from fgrpo.core.pipeline import build_learner, build_task_splits
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
 from fgrpo.data.tasks import Example
 
@@ -67,7 +67,8 @@ def _train(config: Config, directory: RunDirectory, progress: bool) -> dict:
     write_config(run_dir, config)
     seed = config.training.seed
     seed_everything(seed)
-    train_set, test_set = build_task_pool(config.tasks)
+    splits = build_task_splits(config.tasks)
+    train_set, test_set = splits.train, splits.heldout(config.evaluation.split)
     learner = build_learner(config, seed)
     model, tokenizer = learner.model, learner.tokenizer
     sampler = PromptSampler(train_set, seed)
@@ -111,6 +112,7 @@ def _train(config: Config, directory: RunDirectory, progress: bool) -> dict:
         "steps": step,
         "initial/acc_heldout": first["eval/acc_heldout"],
         "final/acc_heldout": last["eval/acc_heldout"],
+        "eval_split": config.evaluation.split,
         "wall_s": wall,
     }
     write_summary(run_dir, summary)

@@ -290,6 +290,30 @@ def make_splits(
     return train, test
 
 
+def carve_validation(train: Sequence[Example], per_family: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): `per_family` distinct training prompts per family set aside for validation.
+
+    A chosen prompt leaves train with all its copies (small prompt spaces repeat
+    prompts), so no validation prompt is ever trained on; the held-out test set
+    is drawn before train and is untouched. At most half of a family's distinct
+    training prompts are carved, so train keeps prompts of its own. Chosen by
+    (seed, family), so the carve does not depend on the other families.
+    """
+    if per_family < 0:
+        raise ConfigError(f"validation examples per family must be >= 0, got {per_family}")
+    first_example: dict[str, dict[str, Example]] = {}
+    for example in train:
+        first_example.setdefault(example.family, {}).setdefault(example.prompt, example)
+    chosen: set[str] = set()
+    validation: list[Example] = []
+    for family, examples in first_example.items():
+        prompts = sorted(examples)
+        picked = random.Random(f"{seed}/validation/{family}").sample(prompts, min(per_family, len(prompts) // 2))
+        chosen.update(picked)
+        validation += [examples[prompt] for prompt in picked]
+    return [ex for ex in train if ex.prompt not in chosen], validation
+
+
 # --------------------------------------------------------------------------- answers
 
 

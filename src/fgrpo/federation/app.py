@@ -32,6 +32,7 @@ RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
 LOCAL_ADAPTER_KEY = "local-adapter"
 RESIDUAL_KEY = "compression-residual"
+OPTIMIZER_KEY = "optimizer-state"
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -102,6 +103,20 @@ def file_client_data(config: Config, partition_id: int, data_path: str) -> Clien
     random.Random(config.tasks.seed).shuffle(examples)
     num_test = max(1, len(examples) // 5) if len(examples) > 1 else 0
     return ClientData(partition_id, examples[num_test:], examples[:num_test])
+
+
+def global_heldout(context: Context, split: str) -> list | None:
+    """Every owner's held-out examples together, for scoring a local-only model beyond its own split.
+
+    Only a simulated node can rebuild them (from the shared pool definition); a
+    node with its own data file cannot see other owners' data, so it gets None.
+    """
+    node = context.node_config
+    config_text = str(context.run_config[CONFIG_KEY])
+    if str(node.get("data-path", "")) or _config_from_text(config_text).federation.method == "centralized":
+        return None
+    shares = _partitioned(config_text, int(node.get("num-partitions", 1)))
+    return [ex for share in shares for ex in share.heldout(split)]
 
 
 def node_data(context: Context) -> ClientData:
@@ -184,6 +199,7 @@ def client_train(msg: Message, context: Context) -> Message:
     if local_only and LOCAL_ADAPTER_KEY in context.state:
         start = record_to_arrays(context.state[LOCAL_ADAPTER_KEY])  # local-only ignores the global model
     server_round = int(round_config.get("server-round", 0))
+    keep_optimizer = config.federation.keep_optimizer_state
     arrays, metrics = local_round(
         learner,
         start,
@@ -192,7 +208,10 @@ def client_train(msg: Message, context: Context) -> Message:
         prompts_per_step=config.training.prompts_per_step,
         seed=round_seed(config.training.seed, data.client_id, server_round),
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        optimizer_state=record_to_arrays(context.state[OPTIMIZER_KEY]) if keep_optimizer and OPTIMIZER_KEY in context.state else None,
     )
+    if keep_optimizer:  # the node's own state: it never leaves the client
+        context.state[OPTIMIZER_KEY] = arrays_to_record(learner.optimizer_state_arrays())
     arrays, metrics = simulate_attack(config, data.client_id, server_round, start, arrays, metrics)
     if local_only:
         context.state[LOCAL_ADAPTER_KEY] = arrays_to_record(arrays)
@@ -205,20 +224,27 @@ def client_train(msg: Message, context: Context) -> Message:
 
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
-    """Greedy accuracy of the received (or, local-only, the client's own) weights on the client's held-out split."""
+    """Greedy accuracy of the received (or, local-only, the client's own) weights on the client's held-out split
+    (its test split, or its validation split when `evaluation.split = "validation"`)."""
     config = config_from_context(context)
     learner = shared_learner(context)
     data = node_data(context)
     arrays = record_to_arrays(msg.content["arrays"])
-    if bool(msg.content["config"].get("local-only", False)) and LOCAL_ADAPTER_KEY in context.state:
+    local_only = bool(msg.content["config"].get("local-only", False))
+    if local_only and LOCAL_ADAPTER_KEY in context.state:
         arrays = record_to_arrays(context.state[LOCAL_ADAPTER_KEY])
-    metrics: dict[str, float | int] = {"num-examples": len(data.test), "client-id": data.client_id}
-    if data.test:
-        result = evaluate_arrays(learner, arrays, data.test, config.grpo.max_completion_length)
+    heldout = data.heldout(config.evaluation.split)
+    metrics: dict[str, float | int] = {"num-examples": len(heldout), "client-id": data.client_id}
+    if heldout:
+        result = evaluate_arrays(learner, arrays, heldout, config.grpo.max_completion_length)
         metrics["acc-heldout"] = result["eval/acc_heldout"]
-        for ex_family in sorted({ex.family for ex in data.test}):
+        for ex_family in sorted({ex.family for ex in heldout}):
             metrics[f"acc/{ex_family}"] = result[f"eval/acc/{ex_family}"]
-            metrics[f"n/{ex_family}"] = sum(ex.family == ex_family for ex in data.test)
+            metrics[f"n/{ex_family}"] = sum(ex.family == ex_family for ex in heldout)
+    everyone = global_heldout(context, config.evaluation.split) if local_only else None
+    if everyone:  # local-only reported twice: on its own split (above) and on every owner's held-out data
+        result = evaluate_arrays(learner, arrays, everyone, config.grpo.max_completion_length)
+        metrics["acc-global-set"] = result["eval/acc_heldout"]
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

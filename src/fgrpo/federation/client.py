@@ -8,7 +8,7 @@ aggregate statistics are returned.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,17 +19,29 @@ from fgrpo.core.evaluate import evaluate
 from fgrpo.core.learner import GRPOLearner, ProximalTerm, seeded
 from fgrpo.core.model import get_trainable_arrays, set_trainable_arrays, trainable_parameters
 from fgrpo.data.partition import partition
-from fgrpo.core.pipeline import build_task_pool
+from fgrpo.core.pipeline import build_task_splits
 from fgrpo.data.tasks import Example
 
 
 @dataclass
 class ClientData:
-    """A client's private examples: its training prompts and its held-out split."""
+    """A client's private examples: its training prompts, its validation and its held-out test split."""
 
     client_id: int
     train: list[Example]
     test: list[Example]
+    validation: list[Example] = field(default_factory=list)
+
+    def heldout(self, split: str) -> list[Example]:
+        """The examples evaluation uses: the test split, or validation (`evaluation.split`)."""
+        if split != "validation":
+            return self.test
+        if not self.validation and self.test:
+            raise ConfigError(
+                f"evaluation.split = 'validation', but client {self.client_id} has no validation examples; "
+                "set tasks.validation_per_family (families) or validation_fraction (files, sources) above 0"
+            )
+        return self.validation
 
 
 def client_data(config: Config, client_id: int, num_clients: int) -> ClientData:
@@ -46,17 +58,20 @@ def all_client_data(config: Config, num_clients: int) -> list[ClientData]:
     One call builds all shares, so a process simulating 1,000 clients builds
     the pool and partitions it once, not once per client.
     """
-    train_pool, test_pool = build_task_pool(config.tasks)
+    splits = build_task_splits(config.tasks)
     options = {"alpha": config.federation.partition.alpha}
     scheme = config.federation.partition.scheme
     seed = config.tasks.seed
     by = config.tasks.partition_by
-    train_parts = partition(partition_labels(train_pool, by), scheme, num_clients, seed, **options)
-    test_parts = partition(partition_labels(test_pool, by), scheme, num_clients, seed, **options)
-    return [
-        ClientData(k, [train_pool[i] for i in train_parts[k]], [test_pool[i] for i in test_parts[k]])
-        for k in range(num_clients)
-    ]
+
+    def shares(pool: list[Example]) -> list[list[Example]]:
+        if not pool:
+            return [[] for _ in range(num_clients)]
+        parts = partition(partition_labels(pool, by), scheme, num_clients, seed, **options)
+        return [[pool[i] for i in part] for part in parts]
+
+    train, test, validation = shares(splits.train), shares(splits.test), shares(splits.validation)
+    return [ClientData(k, train[k], test[k], validation[k]) for k in range(num_clients)]
 
 
 def partition_labels(examples: list[Example], by: str = "family") -> list[str]:
@@ -83,8 +98,8 @@ def partition_labels(examples: list[Example], by: str = "family") -> list[str]:
 
 def pooled_data(config: Config) -> ClientData:
     """Centralized mode: one client holding every example."""
-    train_pool, test_pool = build_task_pool(config.tasks)
-    return ClientData(0, train_pool, test_pool)
+    splits = build_task_splits(config.tasks)
+    return ClientData(0, splits.train, splits.test, splits.validation)
 
 
 def round_seed(seed: int, client_id: int, server_round: int) -> int:
@@ -108,11 +123,18 @@ def local_round(
     prompts_per_step: int,
     seed: int,
     proximal_mu: float = 0.0,
+    optimizer_state: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Train from `start_arrays` for `local_steps` GRPO steps; return (θ_k, metrics)."""
+    """Train from `start_arrays` for `local_steps` GRPO steps; return (θ_k, metrics).
+
+    The optimizer starts fresh unless `optimizer_state` (this client's AdamW
+    moments from its previous round, `learner.optimizer_state_arrays()`) is given.
+    """
     model = learner.model
     set_trainable_arrays(model, start_arrays)
     learner.reset_optimizer()
+    if optimizer_state is not None:
+        learner.load_optimizer_state_arrays(optimizer_state)
     proximal = None
     if proximal_mu > 0:
         anchor = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}

@@ -290,6 +290,10 @@ def _global_accuracy(eval_replies: list[Message]) -> dict[str, float]:
                 family_correct[family] = family_correct.get(family, 0) + float(metrics[key]) * fn
     result = {"global/acc_heldout": correct / total if total else float("nan")}
     result.update({f"global/acc/{f}": family_correct[f] / family_n[f] for f in sorted(family_n)})
+    # Local-only: each owner's own model on the whole global held-out set, mean over owners.
+    on_global_set = [float(r.content["metrics"]["acc-global-set"]) for r in eval_replies if "acc-global-set" in r.content["metrics"]]
+    if on_global_set:
+        result["global/acc_global_set"] = float(np.mean(on_global_set))
     return result
 
 
@@ -434,6 +438,7 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
         else:
             initial, final_accuracy = state.initial, state.final_accuracy
         bar.update(task, info=f"acc {final_accuracy:.1%}")
+        final_global_set = initial.get("global/acc_global_set")
         for server_round in range(first_round, fed.rounds + 1):
             round_start = time.perf_counter()
             current = record_to_arrays(arrays)
@@ -442,6 +447,10 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
             wire_before = getattr(grid, "wire_seconds", None)
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
             bytes_up = sum(_record_bytes(r) for r in replies if not r.has_error())  # as sent, before decoding
+            if method == "local":
+                # The in-process plumbing passes adapters so one loop serves every method, but a
+                # local-only owner sends and receives nothing.
+                bytes_down = bytes_up = 0
             aggregate_start = time.perf_counter()
             ok, failures = screen_replies(messages, replies, current, node_clients, fed.compression)
             ok, norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
@@ -485,6 +494,7 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
             evaluation = evaluate_round(server_round) if server_round % fed.eval_every == 0 or server_round == fed.rounds else {}
             eval_s = time.perf_counter() - eval_start
             final_accuracy = evaluation.get("global/acc_heldout", final_accuracy)
+            final_global_set = evaluation.get("global/acc_global_set", final_global_set)
             writer.write(
                 "round",
                 round=server_round,
@@ -518,6 +528,8 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
         "rounds": fed.rounds,
         "initial/acc_heldout": initial["global/acc_heldout"],
         "final/acc_heldout": final_accuracy,
+        **({} if final_global_set is None else {"final/acc_global_set": final_global_set}),
+        "eval_split": config.evaluation.split,
         "wall_s": wall,
         **_privacy_spent(strategy),
     }

@@ -214,6 +214,12 @@ def start_accuracy(runs: list[RunMetrics]) -> tuple[float, float] | None:
     return _mean_std(starts)
 
 
+def final_global_set_accuracy(runs: list[RunMetrics]) -> tuple[float, float] | None:
+    """Local-only: (mean, std) over seeds of the owners' own models on the global held-out set, last round."""
+    finals = [s[max(s)] for s in (series(r.records.get("round", []), "round", "global/acc_global_set") for r in runs) if s]
+    return _mean_std(finals)
+
+
 def rounds_to_target(curve: Curve, target: float) -> int | None:
     """First round (or step) whose mean accuracy is ≥ target; None if it never gets there."""
     reached = np.nonzero(curve.mean >= target)[0]
@@ -289,6 +295,7 @@ class MethodSummary:
     bytes_total: float | None
     drop: float | None
     wall_s: float | None
+    final_global_set: tuple[float, float] | None = None
 
 
 def default_target(summaries: list[MethodSummary]) -> float | None:
@@ -324,6 +331,7 @@ def summarize(runs: list[RunMetrics], target: float | None = None) -> tuple[list
                 bytes_total=float(np.mean(byte_totals)) if byte_totals else None,
                 drop=stability(method_runs),
                 wall_s=wall_time(method_runs),
+                final_global_set=final_global_set_accuracy(method_runs),
             )
         )
     if target is None:
@@ -597,12 +605,15 @@ def write_report(path: Path, target: float | None = None, out_dir: Path | None =
     show_wall = any(s.wall_s is not None for s in summaries)
     wall = (["Wall time"] if show_wall else [])
     if federated:
+        show_global_set = any(s.final_global_set is not None for s in federated)
+        global_set = ["Final acc, global held-out set"] if show_global_set else []
         doc.table(
-            ["Method", "Seeds", "Final acc (mean ± std)", "Rounds to target", "Total bytes communicated",
-             "Stability (acc. drop)"] + wall,
+            ["Method", "Seeds", "Start acc", "Final acc (mean ± std)"] + global_set
+            + ["Rounds to target", "Total bytes communicated", "Stability (acc. drop)"] + wall,
             [
-                [s.method, str(len(s.seeds)), format_mean_std(s.final, len(s.seeds)), _fmt_x(s.to_target),
-                 format_bytes(s.bytes_total), DASH if s.drop is None else f"{100 * s.drop:.1f} pp"]
+                [s.method, str(len(s.seeds)), format_mean_std(s.start, len(s.seeds)), format_mean_std(s.final, len(s.seeds))]
+                + ([format_mean_std(s.final_global_set, len(s.seeds)) if s.final_global_set else DASH] if show_global_set else [])
+                + [_fmt_x(s.to_target), format_bytes(s.bytes_total), DASH if s.drop is None else f"{100 * s.drop:.1f} pp"]
                 + ([format_seconds(s.wall_s)] if show_wall else [])
                 for s in federated
             ],
@@ -651,6 +662,11 @@ def _reading_notes(federated: bool, trained: bool) -> list[tuple[str, str]]:
                      "over seeds, std in percentage points (pp); a single seed shows the mean only."),
     ]
     if federated:
+        notes += [
+            ("Local-only", "each owner trains alone; 'Final acc' scores each owner's model on its own held-out split "
+                           "(pooled), 'global held-out set' scores each owner's model on every owner's held-out data "
+                           "(mean over owners) — the set the shared methods are scored on. It sends nothing: 0 bytes."),
+        ]
         notes += [
             ("Rounds to target", "first round at which the seed-mean accuracy is at least the target; round 0 "
                                  "is the initial model, so 0 means the target was met before training."),

@@ -1,0 +1,58 @@
+import pytest
+
+from fgrpo.federation.client import all_client_data, pooled_data
+from fgrpo.config import config_from_dict
+from fgrpo.errors import ConfigError
+from fgrpo.core.pipeline import build_task_pool, build_task_splits
+from fgrpo.data.tasks import SAMPLE_GSM8K
+
+
+def prompts(examples) -> set[str]:
+    return {ex.prompt for ex in examples}
+
+
+def test_no_test_prompt_reaches_train_or_validation(small_config):
+    # sort at difficulty 1 has 10 prompts: train repeats prompts, so disjointness is not luck
+    data = small_config.tasks.model_dump()
+    data["families"].append({**data["families"][1], "difficulty": 1})
+    data["validation_per_family"] = 5
+    data["files"] = [{"path": str(SAMPLE_GSM8K), "prompt_key": "question", "validation_fraction": 0.3}]
+    tasks = type(small_config.tasks).model_validate(data)
+    splits = build_task_splits(tasks)
+    assert splits.validation and splits.test and splits.train
+    assert not prompts(splits.test) & prompts(splits.train)
+    assert not prompts(splits.test) & prompts(splits.validation)
+    assert not prompts(splits.validation) & prompts(splits.train)
+    assert {ex.family for ex in splits.validation} == {"add", "sort", "jsonl"}
+    # the held-out test set does not change when a validation split is carved
+    assert build_task_pool(tasks)[1] == splits.test
+    unsplit = build_task_splits(type(tasks).model_validate({**tasks.model_dump(), "validation_per_family": 0}))
+    assert unsplit.test == splits.test and not [ex for ex in unsplit.validation if ex.family != "jsonl"]
+
+
+def test_clients_evaluate_on_their_share_of_the_chosen_split(small_config):
+    data = small_config.model_dump()
+    data["federation"]["partition"]["scheme"] = "by_family"
+    config = config_from_dict(data)
+    shares = all_client_data(config, 2)
+    pooled = build_task_splits(config.tasks)
+    assert sorted(p for s in shares for p in prompts(s.heldout("validation"))) == sorted(prompts(pooled.validation))
+    assert all(s.heldout("test") == s.test for s in shares)
+    for share in shares:  # by_family: a client's validation follows its own families
+        assert {ex.family for ex in share.validation} == {ex.family for ex in share.train}
+    central = pooled_data(config)
+    assert central.heldout("validation") == pooled.validation
+
+
+def test_validation_split_without_validation_prompts_is_an_error(small_config):
+    tasks = type(small_config.tasks).model_validate({**small_config.tasks.model_dump(), "validation_per_family": 0})
+    with pytest.raises(ConfigError, match="validation_per_family"):
+        build_task_splits(tasks).heldout("validation")
+
+
+def test_evaluation_split_is_typed(small_config):
+    data = small_config.model_dump()
+    with pytest.raises(ConfigError, match="evaluation.split"):
+        config_from_dict({**data, "evaluation": {"split": "val"}})
+    with pytest.raises(ConfigError, match="unknown key 'evaluation.splits'"):
+        config_from_dict({**data, "evaluation": {"splits": "test"}})
