@@ -94,3 +94,22 @@ def test_local_only_is_scored_on_its_own_split_and_on_the_global_set_and_sends_n
 
     text = write_report(tmp_path / "run").read_text()
     assert "Final acc, global held-out set" in text and "0 B" in text
+
+
+def test_fedavg_server_learning_rate_scales_the_aggregate_step(tmp_path):
+    """θ ← θ + η (aggregate − θ): runs with η = 0.5, 1 and 2 lie on one line through θ₀."""
+    import numpy as np
+
+    from conftest import small_config_dict
+    from fgrpo.federation.checkpoint import load_checkpoint
+
+    finals = {}
+    for eta in (0.5, 1.0, 2.0):
+        data = small_config_dict(tmp_path / str(eta))
+        data["federation"] = {**data["federation"], "method": "fedavg", "rounds": 1, "server_lr": eta}
+        run_simulation(config_from_dict(data), progress=False)
+        finals[eta] = load_checkpoint(tmp_path / str(eta) / "run").arrays
+    for key in finals[1.0]:
+        one, two, half = (finals[e][key].astype(np.float64) for e in (1.0, 2.0, 0.5))
+        np.testing.assert_allclose(half, 1.5 * one - 0.5 * two, atol=1e-6)
+    assert any(not np.allclose(finals[1.0][k], finals[2.0][k]) for k in finals[1.0])  # the step moved something

@@ -61,3 +61,37 @@ def test_write_tuned_refuses_tables_it_does_not_own(tmp_path):
     with pytest.raises(ConfigError, match="its own \\[tuned"):
         write_tuned(path, {"fgrpo": TunedMethod(values={}, trials=1)})
     assert path.read_text() == before
+
+
+def test_tuning_runs_evaluate_validation_prompts_only_and_never_a_test_prompt(tmp_path, monkeypatch):
+    """Every prompt any tuning run scores is a validation prompt; the test set is never evaluated."""
+    from conftest import small_config_dict
+
+    import fgrpo.core.evaluate as evaluate_module
+    from fgrpo.core.pipeline import build_task_splits
+    from fgrpo.tuning import tune_method
+
+    data = small_config_dict(tmp_path)
+    data["tasks"]["validation_per_family"] = 6
+    data["federation"]["rounds"] = 1
+    config = config_from_dict(data)
+    splits = build_task_splits(config.tasks)
+    seen: list[str] = []
+    original = evaluate_module.evaluate
+
+    def spy(model, tokenizer, examples, *args, **kwargs):
+        seen.extend(ex.prompt for ex in examples)
+        return original(model, tokenizer, examples, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", spy)
+    import fgrpo.federation.client as client_module
+
+    monkeypatch.setattr(client_module, "evaluate", spy)
+    tuned = tune_method(config, "fedavg", trials=2, seeds=[0], out_dir=tmp_path / "tune")
+    assert seen, "the spy saw no evaluation: the test would prove nothing"
+    test_prompts = {ex.prompt for ex in splits.test}
+    validation_prompts = {ex.prompt for ex in splits.validation}
+    assert not set(seen) & test_prompts
+    assert set(seen) <= validation_prompts
+    assert tuned.trials == 2 and set(tuned.values) == {"grpo.learning_rate", "federation.server_lr"}
+    assert 0.0 <= tuned.best_value <= 1.0

@@ -42,6 +42,8 @@ from fgrpo.federation.strategies import make_strategy
 PLUMBING_STRATEGY = {"centralized": "fedavg", "local": "fedavg"}
 # Flower's robust FedAvg variants, used when a FedAvg run asks for robust aggregation.
 ROBUST_FEDAVG = {"median": "fedmedian", "trimmed_mean": "fedtrimmedavg"}
+# Methods whose aggregate federation.server_lr scales (FGRPO has its own, FedOpt its eta).
+SERVER_LR_METHODS = ("fedavg", "fedprox", "fedavgm", "reward_weighted")
 # Methods whose aggregation Flower's DP accountant can account for (uniform FedAvg averaging).
 DP_METHODS = ("fedavg", "fedprox")
 UNIT_WEIGHT_KEY = "unit-weight"
@@ -466,6 +468,9 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
                     f"without changing the config, continue with `fgrpo run {run_dir}/config.toml --resume {run_dir}`"
                 )
             new_arrays, _ = strategy.aggregate_train(server_round, ok)
+            if new_arrays is not None and method in SERVER_LR_METHODS and fed.server_lr != 1.0:
+                # θ ← θ + η (aggregate − θ): the FedAvg family's server learning rate (fgrpo tune searches it).
+                new_arrays = arrays_to_record(scale_update(current, record_to_arrays(new_arrays), fed.server_lr))
             if new_arrays is not None and method != "local":
                 arrays = new_arrays
             aggregate_s = time.perf_counter() - aggregate_start
