@@ -8,9 +8,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fgrpo.core.learner import mean_variance
 from fgrpo.federation.gains import (
     in_round_gain,
-    mean_variance,
     shrink_by_evidence,
     standard_error_gain,
     update_baseline_var,

@@ -1,6 +1,7 @@
 """End to end: every method runs 2 rounds × 2 clients on the tiny model through the Flower app in-process."""
 
 import json
+import math
 
 import pytest
 
@@ -113,3 +114,14 @@ def test_fedavg_server_learning_rate_scales_the_aggregate_step(tmp_path):
         one, two, half = (finals[e][key].astype(np.float64) for e in (1.0, 2.0, 0.5))
         np.testing.assert_allclose(half, 1.5 * one - 0.5 * two, atol=1e-6)
     assert any(not np.allclose(finals[1.0][k], finals[2.0][k]) for k in finals[1.0])  # the step moved something
+
+
+@pytest.mark.parametrize("gain", ["standard_error", "in_round"])
+def test_noise_aware_fgrpo_gains_run_end_to_end_and_log_finite_gains(tmp_path, gain):
+    from conftest import small_config_dict
+
+    data = small_config_dict(tmp_path)
+    data["federation"] = {**data["federation"], "rounds": 2, "fgrpo": {"gain": gain, "shrink": True}}
+    run_simulation(config_from_dict(data), progress=False)
+    gains = [r["agg/gain"] for r in records(tmp_path / "run") if r["kind"] == "client" and "agg/gain" in r]
+    assert len(gains) == 4 and all(math.isfinite(g) for g in gains)

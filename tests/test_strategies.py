@@ -499,3 +499,77 @@ def test_fedadam_needs_no_initial_arrays_beyond_configure_train():
     adam = make_strategy("fedadam", eta=0.1)
     out, _ = run_round(adam, 1, THETA, [reply(0, client_theta(0, 1), 10, 1.0), reply(1, client_theta(1, 1), 10, 1.0)])
     assert out is not None and not np.allclose(out["a"].numpy(), THETA["a"])
+
+
+def noisy_reply(client_id: int, n: int, reward: float, var: float, inround: float = 0.0, inround_var: float = 0.0):
+    """A train reply that also carries the noise statistics the standard_error and in_round gains use."""
+    message = reply(client_id, client_theta(client_id, 1), n, reward)
+    metrics = message.content["metrics"]
+    metrics["reward-mean-var"] = var
+    metrics["gain-inround"] = inround
+    metrics["gain-inround-var"] = inround_var
+    return message
+
+
+NOISE_GAINS = [("standard_error", False), ("standard_error", True), ("in_round", False), ("in_round", True), ("relative", True)]
+
+
+def three_rounds(strategy, rounds):
+    """rounds: per round a list of (client, n, reward, var, inround, inround_var)."""
+    for number, clients in enumerate(rounds, start=1):
+        run_round(strategy, number, THETA, [noisy_reply(*c) for c in clients])
+    return strategy.last_aggregation
+
+
+@pytest.mark.parametrize("gain, shrink", NOISE_GAINS)
+@settings(max_examples=25, deadline=None)
+@given(
+    rewards=st.lists(st.tuples(st.floats(-5, 5), st.floats(1e-4, 2), st.floats(-1, 1), st.floats(1e-4, 1)), min_size=6, max_size=6),
+    c=st.floats(0.01, 100),
+    tau=st.floats(0.1, 10),
+)
+def test_noise_aware_gains_keep_designs_properties(gain, shrink, rewards, c, tau):
+    """Weights sum to 1 and stay in [0, w_max]; scaling one client's rewards by c > 0 changes no weight."""
+    def schedule(scale):
+        out = []
+        for rnd in range(3):
+            clients = []
+            for cid in (0, 1):
+                r, v, d, dv = rewards[rnd * 2 + cid]
+                s = scale if cid == 0 else 1.0  # client 0's reward function is c times larger
+                clients.append((cid, 10 + 5 * cid, s * r, s * s * v, s * d, s * s * dv))
+            out.append(clients)
+        return out
+
+    plain = three_rounds(FGRPO(gain=gain, shrink=shrink, temperature=tau, w_max=0.8), schedule(1.0))
+    scaled = three_rounds(FGRPO(gain=gain, shrink=shrink, temperature=tau, w_max=0.8), schedule(c))
+    assert math.isclose(sum(plain.weights), 1.0, rel_tol=1e-9)
+    assert all(0 <= w <= 0.8 + 1e-12 for w in plain.weights)
+    np.testing.assert_allclose(plain.weights, scaled.weights, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("gain, shrink", NOISE_GAINS)
+def test_noise_aware_gains_with_infinite_temperature_are_fedavg(gain, shrink):
+    rounds = [[(0, 10, 1.0, 0.01, 0.5, 0.01), (1, 30, 0.2, 0.04, -0.1, 0.02)]] * 3
+    last = three_rounds(FGRPO(gain=gain, shrink=shrink, temperature=math.inf), rounds)
+    np.testing.assert_allclose(last.weights, [0.25, 0.75])
+
+
+def test_standard_error_gain_by_hand_and_its_state_survives_a_round_trip():
+    s = FGRPO(gain="standard_error", baseline_decay=0.5)
+    three_rounds(s, [[(0, 10, 0.2, 0.01, 0, 0), (1, 10, 0.5, 0.04, 0, 0)]])
+    last = three_rounds(s, [[(0, 10, 0.2, 0.01, 0, 0), (1, 10, 0.5, 0.04, 0, 0)], [(0, 10, 0.5, 0.01, 0, 0), (1, 10, 0.5, 0.04, 0, 0)]])
+    # client 0 in round 3 of this run: B = 0.2, Var B = .25·.01 + .25·.01 = .005 → g = .3/√(.01 + .005)
+    assert last.gains[0] == pytest.approx(0.3 / math.sqrt(0.015))
+    assert last.gains[1] == 0.0
+    restored = FGRPO(gain="standard_error")
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert restored.clients[0].baseline_var == s.clients[0].baseline_var
+
+
+def test_in_round_gain_needs_no_history_and_shrinkage_silences_noise():
+    noisy = [(0, 10, 0.5, 0.01, 0.01, 0.04), (1, 10, 0.5, 0.01, 0.3, 0.0009)]  # t = 0.05 vs t = 10
+    plain = three_rounds(FGRPO(gain="in_round"), [noisy])
+    np.testing.assert_allclose(plain.gains, [0.05, 10.0])
+    shrunk = three_rounds(FGRPO(gain="in_round", shrink=True), [noisy])
+    assert abs(shrunk.gains[0]) < 0.01 and shrunk.gains[1] == pytest.approx(10.0 * 100 / 101)

@@ -140,3 +140,35 @@ def test_existing_results_dir_is_refused(tmp_path, small_config):
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="already exists.*--overwrite"):
         prepare_run_dir(tmp_path / "run")
+
+
+def test_local_round_reports_noise_statistics_and_the_in_round_probe_leaves_training_unchanged(small_config):
+    """reward-mean-var is the squared standard error; measuring the in-round gain does not change θ_k."""
+    import numpy as np
+
+    from fgrpo.federation.client import ClientData, in_round_probe, local_round
+
+    train, _ = build_task_pool(small_config.tasks)
+    model, tokenizer = load_policy(small_config.model, small_config.tasks, seed=0)
+
+    def length_reward(prompts, completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    learner = GRPOLearner(model, tokenizer, small_config.grpo, WeightedReward([(length_reward, 1.0)]))
+    start = get_trainable_arrays(model)
+    data = ClientData(0, train[:12], [])
+    plain, metrics = local_round(learner, start, data, local_steps=2, prompts_per_step=3, seed=5)
+    plain = {k: v.copy() for k, v in plain.items()}
+    probed, probed_metrics = local_round(learner, start, data, local_steps=2, prompts_per_step=3, seed=5, measure_in_round=True)
+    for key in plain:
+        np.testing.assert_array_equal(plain[key], probed[key])
+    assert metrics["reward-mean"] == probed_metrics["reward-mean"]
+    assert metrics["reward-mean-var"] > 0 and "gain-inround" not in metrics
+    assert np.isfinite(probed_metrics["gain-inround"]) and probed_metrics["gain-inround-var"] >= 0
+    # the probe uses none of the round's training prompts
+    import random
+
+    rng = random.Random(5)
+    batches = [rng.sample(data.train, 3) for _ in range(2)]
+    probe = in_round_probe(data.train, batches, 3, 5)
+    assert not {id(ex) for ex in probe} & {id(ex) for batch in batches for ex in batch}

@@ -226,7 +226,12 @@ class TrainingConfig(Section):
 
 
 class FGRPOOptions(Section):
-    gain: Literal["relative", "zscore"] = Field("relative", description="Relative gain vs EMA baseline, or z-score vs history.")
+    gain: Literal["relative", "zscore", "standard_error", "in_round"] = Field(
+        "relative",
+        description="relative: (R − B)/max(|B|, δ) (the paper's); zscore: vs the history's spread; standard_error: "
+        "(R − B) in standard errors; in_round: θ_k's improvement over θ_t on fresh prompts, in standard errors.",
+    )
+    shrink: bool = Field(False, description="Shrink each gain by t²/(1+t²) (t: its evidence in standard errors) toward FedAvg.")
     temperature: float = Field(1.0, gt=0, allow_inf_nan=True, description="τ of exp(g/τ); inf recovers FedAvg.")
     baseline_decay: float = Field(0.5, ge=0, lt=1, description="β of the EMA baseline B ← βB + (1−β)R.")
     delta: float = Field(1e-3, gt=0, description="δ: floor of the gain's denominator.")

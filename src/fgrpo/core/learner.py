@@ -124,6 +124,21 @@ class GRPOLearner:
         with self.model.disable_adapter():
             return completion_log_probs(self.model, rollouts, self.config.temperature, self.share_prompts)
 
+    @torch.inference_mode()
+    def prompt_rewards(self, examples: list[Example]) -> np.ndarray:
+        """(B,) mean reward of G fresh samples per prompt from the current policy; no training.
+
+        FGRPO's in-round gain compares this for θ_t and θ_k on the same prompts.
+        """
+        cfg = self.config
+        rollouts = self.sample(
+            [ex.prompt for ex in examples], cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p
+        )
+        grouped_examples = [ex for ex in examples for _ in range(cfg.num_generations)]
+        completion_ids = [row[mask.bool()].tolist() for row, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
+        scored = compute_rewards(grouped_examples, rollouts.completions, self.reward, completion_ids=completion_ids)
+        return np.asarray(scored.rewards, dtype=np.float64).reshape(-1, cfg.num_generations).mean(axis=1)
+
     def step(self, examples: list[Example], proximal: ProximalTerm | None = None) -> dict[str, float]:
         """One GRPO step on a batch of prompts; returns metrics (train/… names)."""
         cfg = self.config
@@ -177,9 +192,11 @@ class GRPOLearner:
             totals["grad_norm"] += float(grad_norm) / cfg.num_iterations
         elapsed = time.perf_counter() - start
         # 6. log
+        prompt_means = scored.rewards.reshape(-1, cfg.num_generations).mean(axis=1)  # (B,) prompts are the iid units
         metrics = {
             "train/reward_mean": float(scored.rewards.mean()),
             "train/reward_std": float(scored.rewards.std()),
+            "train/reward_mean_var": mean_variance(prompt_means),
             "train/accuracy": float(np.mean(scored.correct)),
             "train/completion_len": float(rollouts.completion_mask.sum(1).float().mean()),
             "train/tokens_per_s": rollouts.num_completion_tokens / max(elapsed, 1e-9),
@@ -194,6 +211,12 @@ class GRPOLearner:
         for family in sorted(set(families)):
             metrics[f"train/reward/{family}"] = float(scored.rewards[families == family].mean())
         return metrics
+
+
+def mean_variance(values: np.ndarray) -> float:
+    """Squared standard error of the mean of `values` (B,): s²/B with ddof = 1; 0.0 for B < 2."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.var(ddof=1) / len(values)) if len(values) > 1 else 0.0
 
 
 def proximal_penalty(model, proximal: ProximalTerm) -> torch.Tensor:

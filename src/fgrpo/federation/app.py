@@ -209,6 +209,7 @@ def client_train(msg: Message, context: Context) -> Message:
         seed=round_seed(config.training.seed, data.client_id, server_round),
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
         optimizer_state=record_to_arrays(context.state[OPTIMIZER_KEY]) if keep_optimizer and OPTIMIZER_KEY in context.state else None,
+        measure_in_round=config.federation.method == "fgrpo" and config.federation.fgrpo.gain == "in_round",
     )
     if keep_optimizer:  # the node's own state: it never leaves the client
         context.state[OPTIMIZER_KEY] = arrays_to_record(learner.optimizer_state_arrays())

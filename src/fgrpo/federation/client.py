@@ -16,7 +16,7 @@ import torch
 from fgrpo.config import Config
 from fgrpo.errors import ConfigError
 from fgrpo.core.evaluate import evaluate
-from fgrpo.core.learner import GRPOLearner, ProximalTerm, seeded
+from fgrpo.core.learner import GRPOLearner, ProximalTerm, mean_variance, seeded
 from fgrpo.core.model import get_trainable_arrays, set_trainable_arrays, trainable_parameters
 from fgrpo.data.partition import partition
 from fgrpo.core.pipeline import build_task_splits
@@ -124,11 +124,18 @@ def local_round(
     seed: int,
     proximal_mu: float = 0.0,
     optimizer_state: dict[str, np.ndarray] | None = None,
+    measure_in_round: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Train from `start_arrays` for `local_steps` GRPO steps; return (θ_k, metrics).
 
     The optimizer starts fresh unless `optimizer_state` (this client's AdamW
     moments from its previous round, `learner.optimizer_state_arrays()`) is given.
+    `reward-mean-var` is the squared standard error of `reward-mean` (from
+    per-prompt means). With `measure_in_round`, the client also scores θ_t and
+    θ_k on the same fresh prompts (none of this round's training prompts) and
+    reports the mean per-prompt improvement `gain-inround` and its squared
+    standard error `gain-inround-var` (FGRPO's in-round gain). The probe runs
+    under its own seeds, so the training itself is unchanged.
     """
     model = learner.model
     set_trainable_arrays(model, start_arrays)
@@ -140,22 +147,42 @@ def local_round(
         anchor = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
         proximal = ProximalTerm(proximal_mu, anchor)
     rng = random.Random(seed)
+    batches = [rng.sample(data.train, min(prompts_per_step, len(data.train))) for _ in range(local_steps)]
+    probe = in_round_probe(data.train, batches, prompts_per_step, seed) if measure_in_round else None
+    if probe:
+        with seeded(seed + PROBE_SEED_OFFSET):
+            before = learner.prompt_rewards(probe)  # (P,) the global policy θ_t
     steps = []
     with seeded(seed):
-        for _ in range(local_steps):
-            batch = rng.sample(data.train, min(prompts_per_step, len(data.train)))
+        for batch in batches:
             steps.append(learner.step(batch, proximal))
     means = [s["train/reward_mean"] for s in steps]
     metrics = {
         "reward-mean": float(np.mean(means)),
+        "reward-mean-var": float(sum(s["train/reward_mean_var"] for s in steps) / len(steps) ** 2),
         "reward-std": pooled_std(means, [s["train/reward_std"] for s in steps]),
         "accuracy": float(np.mean([s["train/accuracy"] for s in steps])),
         "kl": float(np.mean([s["train/kl"] for s in steps])),
         "completion-len": float(np.mean([s["train/completion_len"] for s in steps])),
         "train-time": float(sum(s["train/step_s"] for s in steps)),
     }
+    if probe:
+        with seeded(seed + PROBE_SEED_OFFSET + 1):
+            improvement = learner.prompt_rewards(probe) - before  # (P,) θ_k − θ_t per prompt
+        metrics["gain-inround"] = float(improvement.mean())
+        metrics["gain-inround-var"] = mean_variance(improvement)
     # Views, not copies: the ClientApp serialises them into its reply before this model trains again.
     return get_trainable_arrays(model, copy=False), metrics
+
+
+PROBE_SEED_OFFSET = 7_919  # the in-round probe samples with seeds of its own
+
+
+def in_round_probe(train: list[Example], batches: list[list[Example]], size: int, seed: int) -> list[Example]:
+    """`size` training prompts that none of this round's batches uses (all prompts if every one is used)."""
+    used = {id(ex) for batch in batches for ex in batch}
+    fresh = [ex for ex in train if id(ex) not in used] or list(train)
+    return random.Random(seed + PROBE_SEED_OFFSET).sample(fresh, min(size, len(fresh)))
 
 
 def evaluate_arrays(

@@ -66,16 +66,3 @@ def shrink_by_evidence(gain: float, t_statistic: float) -> float:
     t2 = t_statistic * t_statistic
     return gain * t2 / (1.0 + t2)
 
-
-def mean_variance(values) -> float:
-    """Variance of the mean of `values` (ddof = 1): s²/n; 0.0 for fewer than two values.
-
-    Clients use it on their per-prompt mean rewards: prompts are the
-    independent units (completions of one prompt are correlated).
-    """
-    values = [float(v) for v in values]
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return sum((v - mean) ** 2 for v in values) / (n - 1) / n

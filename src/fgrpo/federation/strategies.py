@@ -34,8 +34,9 @@ from flwr.serverapp.strategy import (
 
 from fgrpo.errors import ConfigError, FederationError
 from fgrpo.federation.defense import ROBUST_AGGREGATORS, robust_update
+from fgrpo.federation.gains import in_round_gain, shrink_by_evidence, standard_error_gain, update_baseline_var
 
-GAINS = ("relative", "zscore")
+GAINS = ("relative", "zscore", "standard_error", "in_round")
 # ±inf gains are replaced by ±MAX_GAIN: still "huge" next to any real gain, but finite.
 MAX_GAIN = 1e300
 # Logits are clipped to ±_LOGIT_LIMIT so differences of two of them stay finite.
@@ -270,6 +271,7 @@ class ClientState:
     """What the server remembers about one client (keyed by its stable client-id)."""
 
     baseline: float | None = None
+    baseline_var: float | None = None  # variance of the EMA baseline (standard_error gain, shrinkage)
     history: RunningStats = field(default_factory=RunningStats)
     rounds_seen: int = 0
     last_round: int = 0
@@ -294,6 +296,9 @@ class _Reply:
     num_examples: float
     reward_mean: float
     arrays: dict[str, np.ndarray]
+    reward_var: float = math.nan  # squared standard error of reward_mean ("reward-mean-var")
+    inround: float = math.nan  # in-round improvement θ_k − θ_t on fresh prompts ("gain-inround")
+    inround_var: float = math.nan  # its squared standard error ("gain-inround-var")
 
 
 class _WeightedAverage(FedAvg):
@@ -348,12 +353,20 @@ class _WeightedAverage(FedAvg):
         if isinstance(client_id, list) or not (math.isfinite(client_id) and float(client_id) == int(client_id)):
             raise FederationError(f"train reply from node {node}: '{self.client_id_key}' must be an int, got {client_id!r}")
         record = next(iter(content.array_records.values()))
+
+        def optional(key: str) -> float:
+            value = metrics.get(key)
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
         return _Reply(
             node_id=node,
             client_id=int(client_id),
             num_examples=float(metrics[self.weighted_by_key]),
             reward_mean=float(metrics[self.reward_key]),
             arrays={key: array.numpy() for key, array in record.items()},
+            reward_var=optional("reward-mean-var"),
+            inround=optional("gain-inround"),
+            inround_var=optional("gain-inround-var"),
         )
 
     def aggregate_train(
@@ -410,8 +423,14 @@ class FGRPO(_WeightedAverage):
 
     Parameters (besides FedAvg's keyword arguments)
     ----------
-    gain : "relative" (g = (R − B)/max(|B|, δ), B an EMA of past R) or "zscore"
-        (g = (R − μ)/(σ + δ) over past R). First participation: g = 0.
+    gain : "relative" (g = (R − B)/max(|B|, δ), B an EMA of past R; the paper's form),
+        "zscore" (g = (R − μ)/(σ + δ) over past R), "standard_error"
+        (g = (R − B)/SE(R − B) from the clients' reported Var(R)) or "in_round"
+        (the client's measured improvement of θ_k over θ_t on fresh prompts, in
+        standard errors); see `fgrpo.federation.gains`. First participation: g = 0
+        (except in_round, which needs no history).
+    shrink : multiply each gain by t²/(1 + t²), t the client's improvement in
+        standard errors, so that gains within noise fall back to FedAvg's weights.
     temperature : τ > 0; inf recovers FedAvg.
     baseline_decay : β in [0, 1) of B ← βB + (1 − β)R.
     delta : δ > 0, floor of the gain's denominator.
@@ -435,9 +454,11 @@ class FGRPO(_WeightedAverage):
         w_max: float = 1.0,
         size_prior: bool = True,
         server_lr: float = 1.0,
+        shrink: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(server_lr=server_lr, **fedavg_kwargs)
+        self.shrink = bool(shrink)
         if gain not in GAINS:
             raise ConfigError(f"FGRPO: gain must be one of {', '.join(GAINS)}, got {gain!r}")
         if not float(temperature) > 0:
@@ -462,15 +483,36 @@ class FGRPO(_WeightedAverage):
         log(INFO, "\t│\t└── w in [%s, %s] | size prior %s | server lr %s", self.w_min, self.w_max, self.size_prior, self.server_lr)
         super().summary()
 
-    def client_gain(self, client_id: int, reward_mean: float) -> float:
-        """g_k of a client against its state so far (0.0 for a new client)."""
+    def client_gain(self, client_id: int, reward_mean: float, reward_var: float = math.nan) -> float:
+        """g_k of a client from its reward against its state so far (0.0 for a new client)."""
         state = self.clients.get(client_id)
         if self.gain == "relative":
             return relative_gain(reward_mean, state.baseline if state else None, self.delta)
+        if self.gain == "standard_error":
+            baseline_var = state.baseline_var if state and state.baseline_var is not None else 0.0
+            return standard_error_gain(reward_mean, reward_var, state.baseline if state else None, baseline_var, self.delta)
         return zscore_gain(reward_mean, state.history if state else None, self.delta)
 
+    def reply_gain(self, reply: _Reply) -> float:
+        """g_k of one reply under the configured gain, shrunk by its evidence when `shrink`."""
+        if self.gain == "in_round":
+            gain = in_round_gain(reply.inround, reply.inround_var, self.delta)
+            evidence = gain
+        else:
+            gain = self.client_gain(reply.client_id, reply.reward_mean, reply.reward_var)
+            evidence = gain if self.gain == "standard_error" else self.client_gain_t(reply)
+        return shrink_by_evidence(gain, evidence) if self.shrink else gain
+
+    def client_gain_t(self, reply: _Reply) -> float:
+        """The client's improvement over its baseline in standard errors (inf when unknown: no shrinkage)."""
+        state = self.clients.get(reply.client_id)
+        if not math.isfinite(reply.reward_var) or state is None or state.baseline is None:
+            return math.inf if state is not None else 0.0
+        baseline_var = state.baseline_var if state.baseline_var is not None else 0.0
+        return standard_error_gain(reply.reward_mean, reply.reward_var, state.baseline, baseline_var, self.delta)
+
     def _weigh(self, server_round: int, replies: list[_Reply]) -> tuple[np.ndarray, np.ndarray]:
-        gains = np.array([self.client_gain(r.client_id, r.reward_mean) for r in replies])
+        gains = np.array([self.reply_gain(r) for r in replies])
         weights = aggregation_weights(
             gains,
             [r.num_examples for r in replies],
@@ -489,14 +531,17 @@ class FGRPO(_WeightedAverage):
             if math.isfinite(reply.reward_mean):
                 state.baseline = update_baseline(state.baseline, reply.reward_mean, self.baseline_decay)
                 state.history.update(reply.reward_mean)
+                if math.isfinite(reply.reward_var) and reply.reward_var >= 0:
+                    state.baseline_var = update_baseline_var(state.baseline_var, reply.reward_var, self.baseline_decay)
 
     def state_dict(self) -> dict:
         """JSON-serialisable per-client state (θ_t is not included: the runtime checkpoints the arrays)."""
         return {
-            "version": 1,
+            "version": 2,
             "clients": {
                 str(cid): {
                     "baseline": s.baseline,
+                    "baseline_var": s.baseline_var,
                     "count": s.history.count,
                     "mean": s.history.mean,
                     "m2": s.history.m2,
@@ -509,13 +554,14 @@ class FGRPO(_WeightedAverage):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (after a JSON round trip too)."""
-        if state.get("version") != 1 or not isinstance(state.get("clients"), dict):
-            raise ConfigError(f"FGRPO.load_state_dict: expected {{'version': 1, 'clients': {{...}}}}, got keys {sorted(state)}")
+        if state.get("version") not in (1, 2) or not isinstance(state.get("clients"), dict):
+            raise ConfigError(f"FGRPO.load_state_dict: expected {{'version': 2, 'clients': {{...}}}}, got keys {sorted(state)}")
         clients = {}
         for cid, s in state["clients"].items():
-            baseline = s["baseline"]
+            baseline, baseline_var = s["baseline"], s.get("baseline_var")
             clients[int(cid)] = ClientState(
                 baseline=None if baseline is None else float(baseline),
+                baseline_var=None if baseline_var is None else float(baseline_var),
                 history=RunningStats(int(s["count"]), float(s["mean"]), float(s["m2"])),
                 rounds_seen=int(s["rounds_seen"]),
                 last_round=int(s["last_round"]),
