@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from fgrpo.errors import ConfigError, FgrpoError
+from fgrpo.registry import COMPARED_METHODS, METHODS
 
 app = typer.Typer(
     help="Federated GRPO: RL fine-tuning of language models across data owners, aggregated by relative gain.",
@@ -103,9 +104,7 @@ def _split(text: str) -> list[str]:
 @friendly_errors
 def compare(
     config: Path = typer.Argument(..., help="TOML config of the scenario."),
-    methods: str = typer.Option(
-        "fgrpo,fedavg,fedprox,fedadam,reward_weighted,centralized,local", help="Comma-separated methods."
-    ),
+    methods: str = typer.Option(",".join(COMPARED_METHODS), help=f"Comma-separated methods, of {', '.join(METHODS)}."),
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Comparison directory (default: output.dir)."),
     set_values: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),

@@ -17,7 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fgrpo.errors import ConfigError
+from fgrpo.registry import METHODS
 
+# The one tomllib shim of the package (tomli on Python 3.10): import it from here.
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -281,7 +283,6 @@ class CompressionConfig(Section):
     block_size: int = Field(256, ge=8, le=65_536, description="Values per int8 scale (one float32 scale per block).")
 
 
-METHODS = ("fgrpo", "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reward_weighted", "centralized", "local")
 
 
 class FederationConfig(Section):

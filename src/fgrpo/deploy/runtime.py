@@ -33,7 +33,8 @@ def quiet_flower_logs() -> None:
 def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
     """Run one federated experiment in this process (or continue it from its checkpoint); returns the summary."""
     quiet_flower_logs()
-    from fgrpo.federation.app import CONFIG_KEY, client_app
+    from fgrpo.federation.clientapp import client_app
+    from fgrpo.federation.wire import CONFIG_KEY
     from fgrpo.federation.inprocess import InProcessGrid
     from fgrpo.federation.server import run_federation
 
@@ -55,7 +56,7 @@ def run_comparison(
     config: Config, methods: list[str], seeds: list[int], out_dir: Path, *, overwrite: bool = False, progress: bool = True
 ) -> list[dict]:
     """The same scenario under each method and seed: out_dir/<method>/seed<k>/."""
-    from fgrpo.config import METHODS
+    from fgrpo.registry import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

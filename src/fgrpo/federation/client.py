@@ -21,6 +21,7 @@ from fgrpo.core.model import get_trainable_arrays, set_trainable_arrays, trainab
 from fgrpo.data.partition import partition
 from fgrpo.core.pipeline import build_task_pool
 from fgrpo.data.tasks import Example
+from fgrpo.federation import wire
 
 
 @dataclass
@@ -125,12 +126,12 @@ def local_round(
             steps.append(learner.step(batch, proximal))
     means = [s["train/reward_mean"] for s in steps]
     metrics = {
-        "reward-mean": float(np.mean(means)),
-        "reward-std": pooled_std(means, [s["train/reward_std"] for s in steps]),
-        "accuracy": float(np.mean([s["train/accuracy"] for s in steps])),
+        wire.REWARD_MEAN: float(np.mean(means)),
+        wire.REWARD_STD: pooled_std(means, [s["train/reward_std"] for s in steps]),
+        wire.ACCURACY: float(np.mean([s["train/accuracy"] for s in steps])),
         "kl": float(np.mean([s["train/kl"] for s in steps])),
         "completion-len": float(np.mean([s["train/completion_len"] for s in steps])),
-        "train-time": float(sum(s["train/step_s"] for s in steps)),
+        wire.TRAIN_TIME: float(sum(s["train/step_s"] for s in steps)),
     }
     # Views, not copies: the ClientApp serialises them into its reply before this model trains again.
     return get_trainable_arrays(model, copy=False), metrics

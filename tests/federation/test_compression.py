@@ -124,6 +124,7 @@ def test_dp_with_compression_is_refused_with_the_keys_named(tmp_path):
         config_from_dict(data)
 
 
+@pytest.mark.slow
 def test_int8_uploads_quarter_the_bytes_and_the_server_decodes_them(tmp_path):
     from conftest import small_config_dict
 
@@ -149,7 +150,8 @@ def test_a_client_sending_the_wrong_encoding_is_excluded_with_the_reason(tmp_pat
     from flwr.app import Array, ArrayRecord, Context, Message
     from flwr.clientapp import ClientApp
 
-    from fgrpo.federation.app import CONFIG_KEY, client_evaluate, client_train
+    from fgrpo.federation.clientapp import client_evaluate, client_init, client_train
+    from fgrpo.federation.wire import CONFIG_KEY
     from fgrpo.config import dump_config
     from fgrpo.federation.inprocess import InProcessGrid
     from fgrpo.deploy.runtime import node_configs
@@ -169,6 +171,7 @@ def test_a_client_sending_the_wrong_encoding_is_excluded_with_the_reason(tmp_pat
         return reply
 
     app.evaluate()(client_evaluate)
+    app.query()(client_init)
     grid = InProcessGrid(app, node_configs(config), run_config={CONFIG_KEY: dump_config(config)})
     run_federation(grid, config, tmp_path / "run", progress=False)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
