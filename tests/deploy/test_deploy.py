@@ -292,6 +292,7 @@ def test_missing_reply_counts_as_failed(tmp_path):
     assert [(r["clients/sampled"], r["clients/failed"]) for r in rounds] == [(2, 1), (2, 1)]
 
 
+@pytest.mark.flower
 def test_tls_and_supernode_authentication_on_loopback(tmp_path):
     """TLS everywhere and CLI-managed SuperNode authentication: registered nodes come online, a stranger does not."""
     nodes = [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2}]
