@@ -53,6 +53,8 @@ from fgrpo.reporting.results import MetricsWriter, prepare_run_dir, write_config
 RESUMABLE_CHANGES = ("federation.rounds", "output.dir")
 GLOBAL_ACC = f"global/{ACC_HELDOUT}"
 INIT_GROUP = "init"
+# The init query is where a node loads its model: allow it more than a round's timeout.
+INIT_TIMEOUT_S = 600.0
 
 
 def _record_bytes(message: Message) -> int:
@@ -311,7 +313,7 @@ def run_federation(
     write_config(run_dir, config)
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
-    initial_arrays, layout = init_from_client(grid, node_ids, fed.round_timeout_s)
+    initial_arrays, layout = init_from_client(grid, node_ids, max(fed.round_timeout_s, INIT_TIMEOUT_S))
     if state is None:
         random.seed(seed)  # Flower strategies sample nodes with the `random` module
         np.random.seed(seed)  # Flower's DP noise uses NumPy's global RNG
