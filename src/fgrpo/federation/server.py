@@ -313,7 +313,8 @@ def run_federation(
     write_config(run_dir, config)
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
-    initial_arrays, layout = init_from_client(grid, node_ids, max(fed.round_timeout_s, INIT_TIMEOUT_S))
+    init_timeout = None if fed.round_timeout_s is None else max(fed.round_timeout_s, INIT_TIMEOUT_S)
+    initial_arrays, layout = init_from_client(grid, node_ids, init_timeout)
     if state is None:
         random.seed(seed)  # Flower strategies sample nodes with the `random` module
         np.random.seed(seed)  # Flower's DP noise uses NumPy's global RNG
