@@ -52,7 +52,7 @@ def wire_bytes(arrays: dict[str, np.ndarray]) -> int:
     """Bytes of a reply carrying `arrays` through Flower's wire serialisation."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    from fgrpo.federation.app import arrays_to_record
+    from fgrpo.federation.wire import arrays_to_record
     from fgrpo.federation.inprocess import wire_round_trip
 
     from flwr.supercore.task_identity import TaskIdentity

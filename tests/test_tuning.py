@@ -6,7 +6,8 @@ import pytest
 
 from fgrpo.config import config_from_dict, load_config
 from fgrpo.errors import ConfigError
-from fgrpo.tuning import SEARCH_SPACES, apply_tuned, budget_text, trial_config, with_values, write_tuned
+from fgrpo.config import apply_tuned, with_values
+from fgrpo.tuning import SEARCH_SPACES, trial_config, write_tuned
 from fgrpo.config import METHODS, TunedMethod
 
 
@@ -50,8 +51,8 @@ def test_write_tuned_keeps_the_users_text_and_replaces_its_own_block(tmp_path):
     config = load_config(path)
     assert config.tuned["fedavg"].values == {"grpo.learning_rate": 0.001}  # re-tuned
     assert config.tuned["fgrpo"].values == {"federation.fgrpo.temperature": 2.5}  # kept
-    assert budget_text(config.tuned["fgrpo"]) == "4 trials × 1 seed × 2 rounds on validation"
-    assert budget_text(None) == "not tuned (the scenario's values)"
+    assert config.tuned["fgrpo"].budget_text() == "4 trials × 1 seed × 2 rounds on validation"
+    assert TunedMethod().budget_text() == "not tuned (the scenario's values)"
 
 
 def test_write_tuned_refuses_tables_it_does_not_own(tmp_path):

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from fgrpo.errors import ConfigError, FgrpoError
+from fgrpo.registry import COMPARED_METHODS, METHODS
 
 app = typer.Typer(
     help="Federated GRPO: RL fine-tuning of language models across data owners, aggregated by relative gain.",
@@ -125,7 +126,7 @@ def tune(
 ):
     """Tune each method's learning rates (and FGRPO's τ) on validation prompts, never the test set."""
     from fgrpo.reporting.results import run_directory
-    from fgrpo.tuning import SEARCH_SPACES, budget_text, tune_method, write_tuned
+    from fgrpo.tuning import SEARCH_SPACES, tune_method, write_tuned
 
     cfg = _load(config, set_values, None)
     names = _split(methods)
@@ -138,7 +139,7 @@ def tune(
             tuned[method] = tune_method(cfg, method, trials, list(range(seeds)), directory.path, progress=not quiet)
             directory.commit()
             values = ", ".join(f"{k} = {v:.4g}" for k, v in tuned[method].values.items())
-            console.print(f"{method}: validation accuracy {tuned[method].best_value:.1%} with {values} ({budget_text(tuned[method])})")
+            console.print(f"{method}: validation accuracy {tuned[method].best_value:.1%} with {values} ({tuned[method].budget_text()})")
     if write:
         write_tuned(config, tuned)
         console.print(f"wrote [tuned.*] for {', '.join(names)} into {config}")
@@ -148,9 +149,7 @@ def tune(
 @friendly_errors
 def compare(
     config: Path = typer.Argument(..., help="TOML config of the scenario."),
-    methods: str = typer.Option(
-        "fgrpo,fedavg,fedprox,fedadam,reward_weighted,centralized,local", help="Comma-separated methods."
-    ),
+    methods: str = typer.Option(",".join(COMPARED_METHODS), help=f"Comma-separated methods, of {', '.join(METHODS)}."),
     seeds: int = typer.Option(3, min=1, help="Number of seeds (0..N-1)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Comparison directory (default: output.dir)."),
     set_values: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),

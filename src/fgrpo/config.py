@@ -17,7 +17,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fgrpo.errors import ConfigError
+from fgrpo.registry import METHODS
 
+# The one tomllib shim of the package (tomli on Python 3.10): import it from here.
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -311,7 +313,6 @@ class CompressionConfig(Section):
     block_size: int = Field(256, ge=8, le=65_536, description="Values per int8 scale (one float32 scale per block).")
 
 
-METHODS = ("fgrpo", "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reward_weighted", "centralized", "local")
 
 
 class FederationConfig(Section):
@@ -385,6 +386,13 @@ class TunedMethod(Section):
     rounds: int = Field(0, ge=0, description="Rounds each trial ran.")
     objective: str = Field("final validation accuracy", description="What the tuner maximised.")
     best_value: float | None = Field(None, description="The objective of the chosen values.")
+
+    def budget_text(self) -> str:
+        """How the values were chosen, for the report."""
+        if self.trials == 0:
+            return "not tuned (the scenario's values)"
+        seeds = len(self.seeds)
+        return f"{self.trials} trials × {seeds} seed{'s' if seeds != 1 else ''} × {self.rounds} rounds on validation"
 
 
 class OutputConfig(Section):
@@ -530,3 +538,40 @@ def dump_config(config: Config) -> str:
         return value
 
     return tomli_w.dumps(clean(config.model_dump()))
+
+
+# --------------------------------------------------------------------------- tuned values (fgrpo tune)
+
+
+def _nested(key: str, value: float) -> dict:
+    node: dict = {}
+    parts = key.split(".")
+    cursor = node
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return node
+
+
+def tuned_value(config: "Config", key: str) -> float:
+    """The value at a dotted key (e.g. 'grpo.learning_rate')."""
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return float(value)
+
+
+def with_values(config: "Config", values: dict[str, float], source: str) -> "Config":
+    """`config` with dotted-key overrides; an unknown key or a bad value is a ConfigError naming it."""
+    data = config.model_dump()
+    for key, value in values.items():
+        data = deep_merge(data, _nested(key, value))
+    return config_from_dict(data, source)
+
+
+def apply_tuned(config: "Config", method: str) -> "Config":
+    """The config `method` runs with: its `[tuned.<method>]` values applied, if any."""
+    tuned = config.tuned.get(method)
+    if tuned is None or not tuned.values:
+        return config
+    return with_values(config, tuned.values, f"[tuned.{method}]")

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fgrpo.config import Config, TunedMethod, config_from_dict, deep_merge, load_config
+from fgrpo.config import Config, TunedMethod, apply_tuned, config_from_dict, load_config, tuned_value, with_values
 from fgrpo.errors import ConfigError
 
 BLOCK_START = "# >>> tuned by `fgrpo tune` on validation prompts (re-run `fgrpo tune --write` to change this block)"
@@ -58,39 +58,6 @@ SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
 }
 
 
-def _nested(key: str, value: float) -> dict:
-    node: dict = {}
-    parts = key.split(".")
-    cursor = node
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
-    return node
-
-
-def _get(config: Config, key: str) -> float:
-    value = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return float(value)
-
-
-def with_values(config: Config, values: dict[str, float], source: str) -> Config:
-    """`config` with dotted-key overrides; an unknown key or a bad value is a ConfigError naming it."""
-    data = config.model_dump()
-    for key, value in values.items():
-        data = deep_merge(data, _nested(key, value))
-    return config_from_dict(data, source)
-
-
-def apply_tuned(config: Config, method: str) -> Config:
-    """The config `method` runs with: its `[tuned.<method>]` values applied, if any."""
-    tuned = config.tuned.get(method)
-    if tuned is None or not tuned.values:
-        return config
-    return with_values(config, tuned.values, f"[tuned.{method}]")
-
-
 def trial_config(config: Config, method: str, seed: int, values: dict[str, float], out_dir: Path) -> Config:
     """One tuning run: the method, the seed, the trial's values, scored on validation prompts only."""
     data = config.model_dump()
@@ -120,7 +87,7 @@ def tune_method(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     # Trial 0 is the scenario's current values (clamped into the range): tuning never does worse than not tuning.
-    study.enqueue_trial({p.key: min(max(_get(base, p.key), p.low), p.high) for p in space})
+    study.enqueue_trial({p.key: min(max(tuned_value(base, p.key), p.low), p.high) for p in space})
 
     def objective(trial: "optuna.Trial") -> float:
         values = {p.key: trial.suggest_float(p.key, p.low, p.high, log=p.log) for p in space}
@@ -175,12 +142,3 @@ def write_tuned(path: Path, tuned: dict[str, TunedMethod]) -> None:
         tmp.unlink()
         raise
     os.replace(tmp, path)
-
-
-def budget_text(tuned: TunedMethod | None) -> str:
-    """How a method's hyperparameters were chosen, for the report."""
-    if tuned is None or tuned.trials == 0:
-        return "not tuned (the scenario's values)"
-    seeds = len(tuned.seeds)
-    return f"{tuned.trials} trials × {seeds} seed{'s' if seeds != 1 else ''} × {tuned.rounds} rounds on validation"
-

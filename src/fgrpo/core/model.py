@@ -256,9 +256,40 @@ def set_trainable_arrays(model, arrays: dict[str, np.ndarray]) -> None:
             param.copy_(torch.from_numpy(value).to(param.device, param.dtype))
 
 
-def arrays_nbytes(arrays: dict[str, np.ndarray]) -> int:
-    """Bytes the arrays take on the wire (raw, uncompressed)."""
-    return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+def checkpoint_layout(model) -> dict:
+    """How `model.save_pretrained` lays out the trainable weights, so a process without the model can save them.
+
+    Returns {"files": {name: JSON text}, "weights_file": name, "names":
+    {trainable parameter name: key in the weights file}}. A peft model gives
+    its adapter_config.json (as peft writes it) and peft's checkpoint keys (the
+    adapter name removed); full fine-tuning gives config.json and the
+    parameter names as they are. The model-free server writes the final
+    weights from arrays with it (`fgrpo.federation.export`).
+    """
+    import tempfile
+
+    params = trainable_parameters(model)
+    if not hasattr(model, "peft_config"):
+        return {
+            "files": {"config.json": model.config.to_json_string()},
+            "weights_file": "model.safetensors",
+            "names": {name: name for name in params},
+        }
+    from peft import get_peft_model_state_dict
+
+    # peft's own state dict holds the same tensors under its checkpoint keys: match them by storage.
+    by_storage = {tensor.data_ptr(): key for key, tensor in get_peft_model_state_dict(model).items()}
+    missing = [name for name, p in params.items() if p.data_ptr() not in by_storage]
+    if missing:
+        raise ModelError(f"peft does not save the trainable weights {missing[:3]}; the server could not write the adapter")
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)  # the adapter only: small; its config as peft writes it
+        config_text = (Path(tmp) / "adapter_config.json").read_text()
+    return {
+        "files": {"adapter_config.json": config_text},
+        "weights_file": "adapter_model.safetensors",
+        "names": {name: by_storage[p.data_ptr()] for name, p in params.items()},
+    }
 
 
 def model_nbytes(model) -> int:

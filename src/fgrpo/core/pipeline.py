@@ -7,7 +7,6 @@ so every entry point resolves a config the same way.
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import dataclass
 
 from fgrpo.config import Config, ModelConfig, TasksConfig
@@ -16,15 +15,7 @@ from fgrpo.core.learner import GRPOLearner, seeded
 from fgrpo.core.model import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
 from fgrpo.data.rewards import WeightedReward, resolve_reward_function
 from fgrpo.data.sources import load_source
-from fgrpo.data.tasks import Example, FamilySpec, load_jsonl, carve_validation, make_splits
-
-
-def _split(examples: list[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Shuffle with the pool's seed and hold out `test_fraction` (at least one example when there are two)."""
-    examples = list(examples)
-    random.Random(seed).shuffle(examples)
-    num_test = max(1, round(len(examples) * test_fraction)) if len(examples) > 1 else 0
-    return examples[num_test:], examples[:num_test]
+from fgrpo.data.tasks import Example, FamilySpec, carve_validation, load_jsonl, make_splits, train_test_split
 
 
 def _carve_fraction(train: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
@@ -66,11 +57,11 @@ def build_task_splits(tasks: TasksConfig) -> TaskSplits:
     train, validation = carve_validation(train, tasks.validation_per_family, tasks.seed)
     for file in tasks.files:
         examples = load_jsonl(file.path, file.prompt_key, file.answer_key, file.family, tuple(file.reward_scale))
-        file_train, file_test = _split(examples, file.test_fraction, tasks.seed)
+        file_train, file_test = train_test_split(examples, file.test_fraction, tasks.seed)
         file_train, file_validation = _carve_fraction(file_train, file.validation_fraction)
         train, validation, test = train + file_train, validation + file_validation, test + file_test
     for source in tasks.sources:
-        source_train, source_test = _split(load_source(source), source.test_fraction, tasks.seed)
+        source_train, source_test = train_test_split(load_source(source), source.test_fraction, tasks.seed)
         source_train, source_validation = _carve_fraction(source_train, source.validation_fraction)
         train, validation, test = train + source_train, validation + source_validation, test + source_test
     return TaskSplits(train, validation, test)

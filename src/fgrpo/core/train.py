@@ -11,6 +11,7 @@ import torch
 from fgrpo.config import Config
 from fgrpo.core.evaluate import evaluate
 from fgrpo.core.pipeline import build_learner, build_task_splits
+from fgrpo.reporting.progress import progress_bar
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
 from fgrpo.data.tasks import Example
 
@@ -88,7 +89,7 @@ def _train(config: Config, directory: RunDirectory, progress: bool) -> dict:
         return metrics
 
     started = time.perf_counter()
-    with MetricsWriter(run_dir, "centralized", seed) as writer, _progress(progress) as bar:
+    with MetricsWriter(run_dir, "centralized", seed) as writer, progress_bar(progress) as bar:
         first = run_eval(0)
         directory.commit()
         task = bar.add_task("GRPO", total=config.training.steps, info=f"acc {first['eval/acc_heldout']:.1%}")
@@ -122,16 +123,3 @@ def _train(config: Config, directory: RunDirectory, progress: bool) -> dict:
 def save_trainable(model, path: Path) -> None:
     """peft adapters via save_pretrained; full fine-tuning saves the whole model."""
     model.save_pretrained(path)
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        disable=not enabled,
-    )

@@ -20,7 +20,7 @@ import re
 import threading
 from functools import lru_cache
 
-from fgrpo.data.tasks import answer_region, completion_text
+from fgrpo.data.answers import answer_column, answer_region, completion_text
 
 _THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
 
@@ -65,9 +65,7 @@ def math_answer_correct(reference: str, completion) -> bool:
 
 def math_verify_reward(prompts, completions, **kwargs) -> list[float]:
     """1.0 when math-verify finds the answer equivalent to the reference column 'answer', else 0.0."""
-    from fgrpo.data.rewards import _answers
-
-    answers = _answers(kwargs, "math_verify_reward")
+    answers = answer_column(kwargs, "math_verify_reward")
     return [float(math_answer_correct(str(answer), completion)) for completion, answer in zip(completions, answers)]
 
 

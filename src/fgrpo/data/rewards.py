@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fgrpo.errors import ConfigError, RewardError
+from fgrpo.data.answers import answer_column
 from fgrpo.data.tasks import Example, answer_is_numeric, answer_pattern, extract_answer, is_correct, normalize_answer
 
 RewardFunction = Callable[..., list]
@@ -35,15 +36,9 @@ def _families(kwargs: dict, n: int) -> list:
     return [None] * n if families is None else list(families)
 
 
-def _answers(kwargs: dict, function: str) -> list:
-    if "answer" not in kwargs:
-        raise RewardError(f"{function} needs the dataset column 'answer' (columns given: {', '.join(kwargs) or 'none'})")
-    return list(kwargs["answer"])
-
-
 def exact_match_reward(prompts, completions, **kwargs) -> list[float]:
     """1.0 when the extracted answer equals the reference (normalized per family), else 0.0."""
-    answers = _answers(kwargs, "exact_match_reward")
+    answers = answer_column(kwargs, "exact_match_reward")
     families = _families(kwargs, len(completions))
     scores = []
     for completion, answer, family in zip(completions, answers, families):
@@ -67,7 +62,7 @@ def partial_credit_reward(prompts, completions, **kwargs) -> list[float]:
     only an exact match scores 1.0 and a dense signal remains when no
     completion in a group is fully right.
     """
-    answers = _answers(kwargs, "partial_credit_reward")
+    answers = answer_column(kwargs, "partial_credit_reward")
     families = _families(kwargs, len(completions))
     scores = []
     for completion, answer, family in zip(completions, answers, families):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from fgrpo.config import SourceConfig
 from fgrpo.errors import DataError
-from fgrpo.data.tasks import Example, _answer_from_value, _boxed, answer_is_numeric, jsonl_records
+from fgrpo.data.answers import answer_from_value, boxed
+from fgrpo.data.tasks import Example, answer_is_numeric, jsonl_records
 
 FORMAT_COLUMNS: dict[str, tuple[str, str]] = {
     "gsm8k": ("question", "answer"),
@@ -81,15 +82,15 @@ def detect_format(columns: set[str]) -> str:
 def reference_answer(value, fmt: str, numeric: bool) -> str | None:
     """The final answer inside a dataset's answer/solution value (None when there is none)."""
     if isinstance(value, str) and "\\boxed" in value and "####" not in value:
-        boxed = _boxed(value)
-        return (boxed.strip() or None) if boxed is not None else None
+        content = boxed(value)
+        return (content.strip() or None) if content is not None else None
     if fmt == "math":
         # A MATH solution without a box has no checkable answer; a short answer column is taken as is.
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             return None
         text = str(value).strip()
         return text if text and len(text) <= 64 and "\n" not in text else None
-    return _answer_from_value(value, numeric)
+    return answer_from_value(value, numeric)
 
 
 def _scalar(value) -> bool:

@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from fgrpo.data.answers import (  # noqa: F401  (answer handling is re-exported here)
+    answer_from_value,
+    answer_region,
+    boxed,
+    completion_text,
+    normalize_answer,
+    raw_answer,
+)
 from fgrpo.errors import ConfigError, DataError
 
 DIGITS = "0123456789"
@@ -37,8 +43,6 @@ SAMPLE_GSM8K = Path(__file__).parent / "sample_gsm8k.jsonl"
 
 # An answer of loaded data is well-formed when it is a number (after normalization).
 LOADED_ANSWER_PATTERN = r"-?\d+(?:\.\d+)?"
-# A number as people write it: optional sign, optional thousands commas, optional decimals.
-_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d*)(?:\.\d*)?")
 
 
 @dataclass(frozen=True)
@@ -317,74 +321,6 @@ def carve_validation(train: Sequence[Example], per_family: int, seed: int) -> tu
 # --------------------------------------------------------------------------- answers
 
 
-def normalize_answer(text: str, numeric: bool = True) -> str:
-    """Canonical form of an answer for comparison (see the module docstring).
-
-    `numeric=True` canonicalizes text that parses as a number and returns
-    other text stripped; `numeric=False` only strips.
-    """
-    text = text.strip()
-    if not numeric or not any(c.isdigit() for c in text) or not _NUMBER.fullmatch(text):
-        return text
-    value = Decimal(text.replace(",", ""))
-    if value == value.to_integral_value():
-        return str(int(value))  # also maps "-0" to "0"
-    return format(value.normalize(), "f")
-
-
-def completion_text(completion) -> str:
-    """The text of a completion: a string, or TRL's conversational list of messages (last one's content)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content", "")
-        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
-            return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        return str(content)
-    if isinstance(completion, list) and not completion:
-        return ""
-    raise TypeError(f"a completion must be a string or a list of messages, got {type(completion).__name__}")
-
-
-def _boxed(text: str) -> str | None:
-    """Content of the last well-formed \\boxed{...} (braces may nest), else None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for i in range(begin, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            if depth == 0:
-                return text[begin:i]
-            depth -= 1
-    return None
-
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def answer_region(text: str) -> str:
-    """The inside of the last <answer>…</answer> when there is one (R1-style output), else the text."""
-    tagged = _ANSWER_TAG.findall(text)
-    return tagged[-1] if tagged else text
-
-
-def _raw_answer(text: str) -> str | None:
-    text = answer_region(text)
-    if "####" in text:
-        after = text.rsplit("####", 1)[1].strip()
-        return after.splitlines()[0].strip() if after else None
-    boxed = _boxed(text)
-    if boxed is not None:
-        return boxed.strip() or None
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return None
-
-
 def extract_answer(completion, family: str | None = None) -> str | None:
     """The final answer of a completion, normalized the way `family` compares answers.
 
@@ -394,7 +330,7 @@ def extract_answer(completion, family: str | None = None) -> str | None:
     (empty completion, nothing after "####", empty box). `family=None` means
     numeric normalization, as for loaded data.
     """
-    raw = _raw_answer(completion_text(completion))
+    raw = raw_answer(completion_text(completion))
     return None if raw is None else normalize_answer(raw, answer_is_numeric(family))
 
 
@@ -408,17 +344,6 @@ def is_correct(example: Example, completion) -> bool:
 
 
 # --------------------------------------------------------------------------- JSONL
-
-
-def _answer_from_value(value, numeric: bool) -> str | None:
-    """A reference answer from a JSON value: a number, a string, or a GSM8K solution ending in '#### n'."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return None
-    text = str(value)
-    if "####" in text:
-        text = text.rsplit("####", 1)[1]
-    text = normalize_answer(text, numeric)
-    return text or None
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
@@ -467,7 +392,7 @@ def load_jsonl(
         if not isinstance(prompt, str) or not prompt.strip():
             got = "an empty string" if isinstance(prompt, str) else f"{type(prompt).__name__} {prompt!r}"
             raise DataError(f"{where}: '{prompt_key}' must be a non-empty string, got {got}")
-        answer = _answer_from_value(record[answer_key], numeric)
+        answer = answer_from_value(record[answer_key], numeric)
         if answer is None:
             raise DataError(
                 f"{where}: '{answer_key}' must be a non-empty string or a number, got {record[answer_key]!r}"
@@ -477,3 +402,11 @@ def load_jsonl(
         reason = "file is empty" if path.stat().st_size == 0 else "only blank lines"
         raise DataError(f"{path}: no examples ({reason})")
     return examples
+
+
+def train_test_split(examples: Sequence[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Shuffle with `seed` and hold out round(n · test_fraction) examples (at least one when there are two)."""
+    examples = list(examples)
+    random.Random(seed).shuffle(examples)
+    num_test = max(1, round(len(examples) * test_fraction)) if len(examples) > 1 else 0
+    return examples[num_test:], examples[:num_test]

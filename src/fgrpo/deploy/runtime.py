@@ -34,7 +34,8 @@ def quiet_flower_logs() -> None:
 def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
     """Run one federated experiment in this process (or continue it from its checkpoint); returns the summary."""
     quiet_flower_logs()
-    from fgrpo.federation.app import CONFIG_KEY, client_app
+    from fgrpo.federation.clientapp import client_app
+    from fgrpo.federation.wire import CONFIG_KEY
     from fgrpo.federation.inprocess import InProcessGrid
     from fgrpo.federation.server import run_federation
 
@@ -45,7 +46,7 @@ def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = 
 
 def with_method(config: Config, method: str, seed: int, output_dir: Path) -> Config:
     """A copy of `config` for one cell of a comparison, with the method's tuned values (`fgrpo tune`) applied."""
-    from fgrpo.tuning import apply_tuned
+    from fgrpo.config import apply_tuned
 
     data = config.model_dump()
     data["federation"]["method"] = method
@@ -58,7 +59,7 @@ def run_comparison(
     config: Config, methods: list[str], seeds: list[int], out_dir: Path, *, overwrite: bool = False, progress: bool = True
 ) -> list[dict]:
     """The same scenario under each method and seed: out_dir/<method>/seed<k>/."""
-    from fgrpo.config import METHODS
+    from fgrpo.registry import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from fgrpo.errors import ConfigError, FederationError
+from fgrpo.federation.wire import arrays_to_record, record_to_arrays
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT_VERSION = 2
@@ -63,13 +64,13 @@ class ServerState:
 def _plain(value: Any) -> Any:
     """ArrayRecords become {'__arrays__': {name: ndarray}} so the pickle does not depend on Flower's classes."""
     if isinstance(value, ArrayRecord):
-        return {"__arrays__": {k: v.numpy() for k, v in value.items()}}
+        return {"__arrays__": record_to_arrays(value)}
     return value
 
 
 def _unplain(value: Any) -> Any:
     if isinstance(value, dict) and set(value) == {"__arrays__"}:
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in value["__arrays__"].items()})
+        return arrays_to_record(value["__arrays__"])
     return value
 
 
@@ -271,7 +272,7 @@ def load_checkpoint(run_dir: Path) -> ServerState:
 
 def config_differences(saved_text: str, current_text: str, ignore: tuple[str, ...]) -> list[str]:
     """Dotted keys whose values differ between two resolved configs (TOML text), except `ignore`."""
-    from fgrpo.config import tomllib  # tomllib, or tomli on Python 3.10
+    from fgrpo.config import tomllib
 
     def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(node, dict):

@@ -21,6 +21,7 @@ from fgrpo.core.model import get_trainable_arrays, set_trainable_arrays, trainab
 from fgrpo.data.partition import partition
 from fgrpo.core.pipeline import build_task_splits
 from fgrpo.data.tasks import Example
+from fgrpo.federation import wire
 
 
 @dataclass
@@ -158,13 +159,13 @@ def local_round(
             steps.append(learner.step(batch, proximal))
     means = [s["train/reward_mean"] for s in steps]
     metrics = {
-        "reward-mean": float(np.mean(means)),
-        "reward-mean-var": float(sum(s["train/reward_mean_var"] for s in steps) / len(steps) ** 2),
-        "reward-std": pooled_std(means, [s["train/reward_std"] for s in steps]),
-        "accuracy": float(np.mean([s["train/accuracy"] for s in steps])),
+        wire.REWARD_MEAN: float(np.mean(means)),
+        wire.REWARD_MEAN_VAR: float(sum(s["train/reward_mean_var"] for s in steps) / len(steps) ** 2),
+        wire.REWARD_STD: pooled_std(means, [s["train/reward_std"] for s in steps]),
+        wire.ACCURACY: float(np.mean([s["train/accuracy"] for s in steps])),
         "kl": float(np.mean([s["train/kl"] for s in steps])),
         "completion-len": float(np.mean([s["train/completion_len"] for s in steps])),
-        "train-time": float(sum(s["train/step_s"] for s in steps)),
+        wire.TRAIN_TIME: float(sum(s["train/step_s"] for s in steps)),
     }
     if probe:
         with seeded(seed + PROBE_SEED_OFFSET + 1):

@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
-import torch
 
 Codec = Literal["none", "fp16", "bf16", "int8"]
 CODECS: tuple[str, ...] = ("none", "fp16", "bf16", "int8")
@@ -64,16 +63,25 @@ def dequantize_int8(quantized: np.ndarray, scales: np.ndarray, block_size: int) 
     return (flat * scales[block_of]).reshape(quantized.shape)
 
 
+# bfloat16 is float32's top 16 bits; torch's CPU cast maps every NaN to this one (a NaN either way).
+_BF16_NAN = np.uint16(0xFFFF)
+
+
 def to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 → bfloat16 (round to nearest even, torch's cast) stored as uint16 bits."""
-    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-    return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).copy()
+    """float32 → bfloat16 bits (uint16), rounding to nearest even exactly as torch's cast does.
+
+    Numpy only, so the server decodes bf16 uploads without torch: add 0x7FFF
+    plus the lowest kept bit, then keep the top half (a tie rounds to even;
+    overflow rounds to ±inf, as in IEEE).
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), _BF16_NAN, rounded).astype(np.uint16)
 
 
 def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
-    """uint16 bfloat16 bits → float32."""
-    tensor = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
-    return tensor.to(torch.float32).numpy()
+    """uint16 bfloat16 bits → float32 (exact: bf16 values are float32 values)."""
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def encode_delta(delta: Mapping[str, np.ndarray], codec: Codec, block_size: int = 256) -> dict[str, np.ndarray]:

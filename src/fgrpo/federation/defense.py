@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fgrpo.errors import FederationError
+from fgrpo.federation.wire import scale_update  # noqa: F401  (θ + s·(θ_k − θ) has one home: the wire contract)
 
 ROBUST_AGGREGATORS = ("none", "median", "trimmed_mean")
 
@@ -65,16 +66,6 @@ def norm_clip_factors(norms: Sequence[float] | np.ndarray, multiple: float) -> n
     with np.errstate(divide="ignore", invalid="ignore"):
         factors = np.where(norms > bound, bound / norms, 1.0)
     return np.nan_to_num(factors, nan=1.0, posinf=1.0, neginf=1.0)
-
-
-def scale_update(current: dict[str, np.ndarray], arrays: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
-    """θ_t + factor · (θ_k − θ_t), keeping each array's dtype."""
-    scaled = {}
-    for key, theta in current.items():
-        theta64 = np.asarray(theta, dtype=np.float64)
-        new = theta64 + factor * (np.asarray(arrays[key], dtype=np.float64) - theta64)
-        scaled[key] = new.astype(np.asarray(arrays[key]).dtype)
-    return scaled
 
 
 def _normalised(weights: Sequence[float] | np.ndarray, k: int) -> np.ndarray:

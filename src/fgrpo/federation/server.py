@@ -1,24 +1,36 @@
-"""The federation loop the ServerApp runs: sample → local rounds → screen → aggregate → evaluate → log → checkpoint.
+"""The federation loop the ServerApp runs, as DESIGN.md's round loop; the server holds no model.
 
-It drives any Flower `Strategy` through its own `configure_train` /
+    init (θ₀ from a client) → round 0: evaluate → for t = 1..T:
+    configure → send → screen → clip → aggregate → log → evaluate → checkpoint
+
+`RoundLoop` names each stage as a method on the loop's state (θ_t, the
+strategy, the metrics writer), so each can be driven on its own on a fake
+grid. It drives any Flower `Strategy` through its own `configure_train` /
 `aggregate_train` / `configure_evaluate` calls (rather than `Strategy.start`)
 so that every round can log per-client statistics and aggregation weights to
 metrics.jsonl, exclude faulty replies before any strategy sees them, and
 checkpoint the server state for `--resume`. The same loop runs on the
-in-process grid and on a real SuperLink.
+in-process grid and on a real SuperLink, and imports neither torch nor
+transformers: θ₀ and the layout of the final weights come from a client
+(`init_from_client`), and the final adapter is written from arrays
+(`fgrpo.federation.export`).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
+from fgrpo.config import Config, dump_config
+from fgrpo.errors import ConfigError, FederationError
+from fgrpo.federation import wire
 from fgrpo.federation.checkpoint import (
     ServerState,
     capture_rng,
@@ -30,125 +42,43 @@ from fgrpo.federation.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from fgrpo.federation.compression import CompressionError, apply_delta, decode_delta
-from fgrpo.config import CompressionConfig, Config, dump_config
-from fgrpo.federation.defense import norm_clip_factors, scale_update, screen_update, update_norm
-from fgrpo.errors import ConfigError, FederationError
-from fgrpo.core.model import arrays_nbytes
+from fgrpo.federation.export import layout_from_text, save_weights
+from fgrpo.federation.methods import build_strategy, local_steps_per_round, weight_key
+from fgrpo.federation.screening import Failure, clip_replies, screen_replies
+from fgrpo.federation.strategies import WeightedAverage
+from fgrpo.federation.wire import ACC_HELDOUT, arrays_nbytes, arrays_to_record, record_to_arrays, scale_update
+from fgrpo.reporting.progress import progress_bar
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
-from fgrpo.federation.strategies import make_strategy
 
-# Methods that are run modes of the same code rather than Flower strategies.
-PLUMBING_STRATEGY = {"centralized": "fedavg", "local": "fedavg"}
-# Flower's robust FedAvg variants, used when a FedAvg run asks for robust aggregation.
-ROBUST_FEDAVG = {"median": "fedmedian", "trimmed_mean": "fedtrimmedavg"}
-# Methods whose aggregate federation.server_lr scales (FGRPO has its own, FedOpt its eta).
-SERVER_LR_METHODS = ("fedavg", "fedprox", "fedavgm", "reward_weighted")
-# Methods whose aggregation Flower's DP accountant can account for (uniform FedAvg averaging).
-DP_METHODS = ("fedavg", "fedprox")
-UNIT_WEIGHT_KEY = "unit-weight"
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("federation.rounds", "output.dir")
-
-
-def clients_per_round(config: Config) -> int:
-    fed = config.federation
-    return min(fed.num_clients, max(fed.min_train_clients, int(fed.num_clients * fed.fraction_train)))
-
-
-def build_strategy(config: Config, num_nodes: int):
-    """The Flower strategy for the configured method, with robust aggregation and DP where asked."""
-    fed = config.federation
-    name = PLUMBING_STRATEGY.get(fed.method, fed.method)
-    sampled = 1 if fed.method == "centralized" else clients_per_round(config)
-    # Flower's strategies wait until `min_available_nodes` are connected before
-    # sampling: asking for fewer than all nodes lets a round go on after a
-    # SuperNode drops (deployment), while `fraction_train` still samples `sampled`
-    # of `num_nodes` (the epsilon guards int() against 29/100*100 = 28.999...).
-    floor = min(sampled, fed.min_train_clients)
-    common = dict(
-        fraction_train=min(1.0, (sampled + 1e-6) / num_nodes),
-        min_train_nodes=floor,
-        min_available_nodes=floor,
-        fraction_evaluate=1.0,
-        min_evaluate_nodes=floor,
-    )
-    options: dict = {}
-    robust = fed.defense.robust
-    if name == "fgrpo":
-        options = fed.fgrpo.model_dump()
-    elif name == "fedprox":
-        options = {"proximal_mu": fed.proximal_mu}
-    elif name in ("fedadam", "fedyogi", "fedadagrad"):
-        options = fed.server_opt.model_dump()
-    if robust != "none":
-        if name in ("fgrpo", "reward_weighted"):
-            options.update(aggregator=robust, trim_fraction=fed.defense.trim_fraction)
-        elif name == "fedavg":
-            name = ROBUST_FEDAVG[robust]
-            if robust == "trimmed_mean":
-                options["beta"] = fed.defense.trim_fraction
-        else:
-            raise ConfigError(
-                f"federation.defense.robust = '{robust}' works with methods fgrpo, reward_weighted and fedavg, "
-                f"not '{fed.method}'"
-            )
-    if fed.dp.enabled:
-        if fed.method not in DP_METHODS or robust != "none":
-            raise ConfigError(
-                f"federation.dp: method '{fed.method}'{' with robust aggregation' if robust != 'none' else ''} is not "
-                f"supported. Flower's accountant covers the uniform average of {', '.join(DP_METHODS)} only; "
-                "FGRPO's data-dependent weights change every client's share when one client joins, so the noise "
-                "Flower adds would not bound its sensitivity"
-            )
-        common["weighted_by_key"] = UNIT_WEIGHT_KEY
-    strategy = make_strategy(name, **common, **options)
-    if fed.dp.enabled:
-        strategy = _with_dp(strategy, config, sampled, num_nodes)
-    return strategy
-
-
-def _with_dp(strategy, config: Config, sampled: int, num_nodes: int):
-    """Flower's central-DP wrapper (clients clip, the server adds noise σ·C/m) with its RDP accountant."""
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
-    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
-
-    dp = config.federation.dp
-    if dp.noise_multiplier <= 0:
-        raise ConfigError("federation.dp.noise_multiplier must be > 0 when DP is enabled (σ = 0 gives no privacy)")
-    accountant = RdpAccountant(
-        PrivacyConfig(
-            target_delta=dp.delta,
-            population_size=num_nodes,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        )
-    )
-    return DifferentialPrivacyClientSideFixedClipping(
-        strategy, dp.noise_multiplier, dp.clip_norm, sampled, accountant=accountant
-    )
-
-
-def local_steps_per_round(config: Config) -> int:
-    """Centralized training does the work of all sampled clients in one place (equal rollouts)."""
-    fed = config.federation
-    if fed.method == "centralized":
-        return fed.local_steps * clients_per_round(config)
-    return fed.local_steps
+GLOBAL_ACC = f"global/{ACC_HELDOUT}"
+GLOBAL_ACC_GLOBAL_SET = f"global/{wire.ACC_GLOBAL_SET}"  # local-only: its models on every owner's held-out data
+# Methods whose aggregate federation.server_lr scales (FGRPO has its own, FedOpt its eta).
+SERVER_LR_METHODS = ("fedavg", "fedprox", "fedavgm", "reward_weighted")
+INIT_GROUP = "init"
+# The init query is where a node loads its model: allow it more than a round's timeout.
+INIT_TIMEOUT_S = 600.0
 
 
 def _record_bytes(message: Message) -> int:
-    content = message.content
-    return sum(arrays_nbytes({k: v.numpy() for k, v in record.items()}) for record in content.array_records.values())
+    return sum(arrays_nbytes(record_to_arrays(record)) for record in message.content.array_records.values())
 
 
-class Failure(NamedTuple):
-    """A sampled client left out of a round's aggregation, and why."""
-
-    node_id: int
-    client_id: int | None
-    reason: str
+def init_from_client(grid: Grid, node_ids: list[int], timeout: float | None) -> tuple[ArrayRecord, dict]:
+    """(θ₀, checkpoint layout) from the first node that answers the init query (they all hold the same θ₀)."""
+    reasons = []
+    for node in sorted(node_ids):
+        message = grid.create_message(RecordDict({wire.CONFIG: ConfigRecord({})}), MessageType.QUERY, node, INIT_GROUP)
+        for reply in grid.send_and_receive([message], timeout=timeout):
+            if reply.has_error():
+                reasons.append(f"node {node}: {reply.error.reason}"[:300])
+            elif wire.ARRAYS in reply.content and wire.CONFIG in reply.content:
+                layout = layout_from_text(str(reply.content[wire.CONFIG][wire.CHECKPOINT_LAYOUT]))
+                return reply.content[wire.ARRAYS], layout
+            else:
+                reasons.append(f"node {node}: the init reply lacks '{wire.ARRAYS}' or '{wire.CONFIG}'")
+    raise FederationError(f"no client sent θ₀ (the server holds no model): {'; '.join(reasons) or 'no reply'}")
 
 
 def summarize_failures(failures: list[Failure], limit: int = 600) -> str:
@@ -164,143 +94,51 @@ def summarize_failures(failures: list[Failure], limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _reply_arrays(reply: Message) -> dict[str, np.ndarray]:
-    record = next(iter(reply.content.array_records.values()))
-    return {name: array.numpy() for name, array in record.items()}
-
-
-def screen_replies(
-    messages: list[Message],
-    replies: list[Message],
-    current: dict[str, np.ndarray],
-    node_clients: dict[int, int],
-    compression: CompressionConfig | None = None,
-) -> tuple[list[Message], list[Failure]]:
-    """Split a round's replies into usable ones and failures (no reply, error, broken metrics or arrays).
-
-    With a compression codec, each usable reply is decoded in place to θ_t + Δ̂,
-    so what follows (clipping, every strategy) sees ordinary float32 weights.
-    """
-    from fgrpo.federation.app import arrays_to_record  # app imports this module
-
-    ok: list[Message] = []
-    failures: list[Failure] = []
-    answered = {r.metadata.reply_to_message_id for r in replies}
-    for message in messages:
-        if message.metadata.message_id not in answered:
-            node = message.metadata.dst_node_id
-            failures.append(Failure(node, node_clients.get(node), "no reply within federation.round_timeout_s"))
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            failures.append(Failure(node, node_clients.get(node), f"client error: {reply.error.reason}"[:400]))
-            continue
-        content = reply.content
-        metrics = next(iter(content.metric_records.values()), None) if content.metric_records else None
-        if len(content.array_records) != 1 or metrics is None:
-            failures.append(Failure(node, node_clients.get(node), "reply must carry one ArrayRecord and one MetricRecord"))
-            continue
-        client_id = metrics.get("client-id")
-        if isinstance(client_id, int) and not isinstance(client_id, bool):
-            node_clients[node] = client_id
-        bad_metrics = [
-            key
-            for key in ("reward-mean", "reward-std", "num-examples")
-            if not isinstance(metrics.get(key), (int, float)) or not np.isfinite(metrics[key])
-        ]
-        if not isinstance(client_id, int) or bad_metrics:
-            reason = f"missing or non-finite metrics {bad_metrics or ['client-id']}"
-            failures.append(Failure(node, node_clients.get(node), reason))
-            continue
-        if metrics["num-examples"] <= 0:
-            failures.append(Failure(node, client_id, f"reported num-examples = {metrics['num-examples']} (nothing trained)"))
-            continue
-        arrays = _reply_arrays(reply)
-        if compression is not None and compression.codec != "none":
-            try:
-                arrays = apply_delta(current, decode_delta(arrays, current, compression.codec, compression.block_size))
-            except CompressionError as error:
-                failures.append(Failure(node, client_id, str(error)[:400]))
-                continue
-            reply.content[next(iter(content.array_records))] = arrays_to_record(arrays)
-        problem = screen_update(current, arrays)
-        if problem is not None:
-            failures.append(Failure(node, client_id, problem))
-            continue
-        ok.append(reply)
-    return ok, failures
-
-
-def clip_replies(
-    ok: list[Message], current: dict[str, np.ndarray], multiple: float | None, mode: str
-) -> tuple[list[Message], dict[int, tuple[float, float]], list[Failure]]:
-    """Bound every update's norm by `multiple` × the round's median (scale it, or reject it).
-
-    Returns (kept replies, client-id -> (norm, factor), rejections). Scaled
-    replies are rewritten in place, so every strategy aggregates the bounded update.
-    """
-    norms = [update_norm(current, _reply_arrays(r)) for r in ok]
-    ids = [int(r.content["metrics"]["client-id"]) for r in ok]
-    factors = norm_clip_factors(norms, multiple) if multiple is not None else np.ones(len(ok))
-    kept, rejected = [], []
-    from fgrpo.federation.app import arrays_to_record
-
-    for reply, norm, factor, cid in zip(ok, norms, factors, ids):
-        if factor < 1.0 and mode == "reject":
-            rejected.append(Failure(reply.metadata.src_node_id, cid, f"update norm {norm:.3g} > {multiple}× the round's median"))
-            continue
-        if factor < 1.0:
-            key = next(iter(reply.content.array_records))
-            reply.content[key] = arrays_to_record(scale_update(current, _reply_arrays(reply), float(factor)))
-        kept.append(reply)
-    return kept, {cid: (norm, float(f)) for cid, norm, f in zip(ids, norms, factors)}, rejected
-
-
-def _aggregation_weights(strategy, ok_replies: list[Message]) -> dict[int, tuple[float, float | None]]:
-    """client-id -> (weight, gain): FGRPO/reward-weighted report theirs, FedAvg-family weigh by n_k."""
-    inner = getattr(strategy, "strategy", strategy)  # a DP wrapper holds the real strategy
-    last = getattr(inner, "last_aggregation", None)
-    if last is not None:
-        gains = getattr(last, "gains", None)
-        return {
-            int(cid): (float(w), None if gains is None else float(gains[i]))
-            for i, (cid, w) in enumerate(zip(last.client_ids, last.weights))
-        }
-    key = getattr(inner, "weighted_by_key", "num-examples")
-    sizes = np.array([float(r.content["metrics"].get(key, 1.0)) for r in ok_replies])
-    weights = sizes / sizes.sum() if sizes.sum() > 0 else np.full(len(sizes), 1 / max(1, len(sizes)))
-    return {int(r.content["metrics"]["client-id"]): (float(w), None) for r, w in zip(ok_replies, weights)}
-
-
-def _global_accuracy(eval_replies: list[Message]) -> dict[str, float]:
+def global_accuracy(eval_replies: list[Message]) -> dict[str, float]:
     """Pool the clients' held-out results: their splits together are the pooled held-out set."""
     total, correct = 0, 0.0
     family_n: dict[str, float] = {}
     family_correct: dict[str, float] = {}
     for reply in eval_replies:
-        metrics = reply.content["metrics"]
-        n = float(metrics["num-examples"])
-        if n == 0 or "acc-heldout" not in metrics:
+        metrics = reply.content[wire.METRICS]
+        n = float(metrics[wire.NUM_EXAMPLES])
+        if n == 0 or ACC_HELDOUT not in metrics:
             continue
         total += n
-        correct += float(metrics["acc-heldout"]) * n
+        correct += float(metrics[ACC_HELDOUT]) * n
         for key in metrics:
-            if key.startswith("acc/"):
-                family = key[4:]
-                fn = float(metrics[f"n/{family}"])
+            if key.startswith(wire.FAMILY_ACC):
+                family = key[len(wire.FAMILY_ACC):]
+                fn = float(metrics[f"{wire.FAMILY_N}{family}"])
                 family_n[family] = family_n.get(family, 0) + fn
                 family_correct[family] = family_correct.get(family, 0) + float(metrics[key]) * fn
-    result = {"global/acc_heldout": correct / total if total else float("nan")}
+    result = {GLOBAL_ACC: correct / total if total else float("nan")}
     result.update({f"global/acc/{f}": family_correct[f] / family_n[f] for f in sorted(family_n)})
-    # Local-only: each owner's own model on the whole global held-out set, mean over owners.
-    on_global_set = [float(r.content["metrics"]["acc-global-set"]) for r in eval_replies if "acc-global-set" in r.content["metrics"]]
-    if on_global_set:
-        result["global/acc_global_set"] = float(np.mean(on_global_set))
+    on_global_set = [
+        float(r.content[wire.METRICS][wire.ACC_GLOBAL_SET]) for r in eval_replies if wire.ACC_GLOBAL_SET in r.content[wire.METRICS]
+    ]
+    if on_global_set:  # local-only: the mean over owners of each owner's model on the whole held-out set
+        result[GLOBAL_ACC_GLOBAL_SET] = float(np.mean(on_global_set))
     return result
 
 
-def _privacy_spent(strategy) -> dict[str, float]:
-    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+def aggregation_weights(strategy: Strategy, ok: list[Message], key: str) -> dict[int, tuple[float, float | None]]:
+    """client-id -> (weight, gain) of the last aggregation.
+
+    fgrpo's strategies report their own (`WeightedAverage.last_aggregation`);
+    Flower's FedAvg family weighs each reply by its `key` metric (n_k, or 1 under DP).
+    """
+    inner = strategy.strategy if isinstance(strategy, DifferentialPrivacyClientSideFixedClipping) else strategy
+    if isinstance(inner, WeightedAverage) and inner.last_aggregation is not None:
+        last = inner.last_aggregation
+        return {cid: (w, g) for cid, w, g in zip(last.client_ids, last.weights, last.gains)}
+    sizes = np.array([float(r.content[wire.METRICS].get(key, 1.0)) for r in ok])
+    weights = sizes / sizes.sum() if sizes.sum() > 0 else np.full(len(sizes), 1 / max(1, len(sizes)))
+    return {int(r.content[wire.METRICS][wire.CLIENT_ID]): (float(w), None) for r, w in zip(ok, weights)}
+
+
+def privacy_spent(strategy: Strategy) -> dict[str, float]:
+    spent = strategy.privacy_spent() if isinstance(strategy, DifferentialPrivacyClientSideFixedClipping) else None
     if spent is None:
         return {}
     return {"dp/epsilon": float(spent.epsilon), "dp/delta": float(spent.delta), "dp/releases": int(spent.num_releases)}
@@ -326,7 +164,7 @@ def check_metrics_prefix(path: Path, state: ServerState) -> None:
         )
 
 
-def _resume_state(run_dir: Path, config: Config) -> ServerState:
+def resume_state(run_dir: Path, config: Config) -> ServerState:
     state = load_checkpoint(run_dir)
     differences = config_differences(state.config_text, dump_config(config), RESUMABLE_CHANGES)
     if differences:
@@ -341,6 +179,191 @@ def _resume_state(run_dir: Path, config: Config) -> ServerState:
     return state
 
 
+@dataclass
+class RoundLoop:
+    """The server's state across rounds and one method per stage of a round."""
+
+    grid: Grid
+    config: Config
+    run_dir: Path
+    strategy: Strategy
+    writer: MetricsWriter
+    arrays: ArrayRecord  # θ_t, the global adapter
+    started: float  # perf_counter at the run's start (earlier by the time a resumed run already spent)
+    node_clients: dict[int, int] = field(default_factory=dict)  # Flower node id -> stable client id
+    initial: dict = field(default_factory=dict)  # round 0's evaluation
+    final_accuracy: float = float("nan")
+    final_global_set: float | None = None  # local-only's accuracy on the whole held-out set
+    norms: dict[int, tuple[float, float]] = field(default_factory=dict)  # client id -> (update norm, clip factor)
+
+    @property
+    def round_config(self) -> ConfigRecord:
+        fed = self.config.federation
+        return ConfigRecord({wire.LOCAL_STEPS: local_steps_per_round(self.config), wire.LOCAL_ONLY: fed.method == "local"})
+
+    # ------------------------------------------------------------------ stages of a training round
+
+    def configure(self, server_round: int) -> list[Message]:
+        """The strategy samples clients and builds their train messages (θ_t and the round config)."""
+        return list(self.strategy.configure_train(server_round, self.arrays, self.round_config, self.grid))
+
+    def send(self, messages: list[Message]) -> list[Message]:
+        return list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
+
+    def screen(self, messages: list[Message], replies: list[Message]) -> tuple[list[Message], list[Failure]]:
+        """Drop missing or broken replies (decoding compressed ones), then bound the update norms."""
+        fed = self.config.federation
+        current = record_to_arrays(self.arrays)
+        ok, failures = screen_replies(messages, replies, current, self.node_clients, fed.compression)
+        ok, self.norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
+        return ok, failures + rejected
+
+    def aggregate(self, server_round: int, ok: list[Message]) -> bool:
+        """θ_{t+1} from the screened replies (local-only keeps θ_t); True when the strategy aggregated."""
+        fed = self.config.federation
+        current = self.arrays
+        new_arrays, _ = self.strategy.aggregate_train(server_round, ok)
+        if new_arrays is not None and fed.method in SERVER_LR_METHODS and fed.server_lr != 1.0:
+            # θ ← θ + η (aggregate − θ): the FedAvg family's server learning rate (fgrpo tune searches it).
+            new_arrays = arrays_to_record(scale_update(record_to_arrays(current), record_to_arrays(new_arrays), fed.server_lr))
+        if new_arrays is not None and fed.method != "local":
+            self.arrays = new_arrays
+        return new_arrays is not None
+
+    def log_clients(self, server_round: int, ok: list[Message], failures: list[Failure]) -> None:
+        """One record per failure and per aggregated client: its statistics, norm, weight and gain."""
+        for failure in failures:
+            known = {} if failure.client_id is None else {"client": failure.client_id}
+            self.writer.write("failure", round=server_round, node=failure.node_id, reason=failure.reason, **known)
+        weights = aggregation_weights(self.strategy, ok, weight_key(self.config))
+        for reply in ok:
+            m = reply.content[wire.METRICS]
+            cid = int(m[wire.CLIENT_ID])
+            weight, gain = weights.get(cid, (None, None))
+            norm, factor = self.norms[cid]
+            record = {
+                "client/reward_mean": float(m[wire.REWARD_MEAN]),
+                "client/reward_std": float(m[wire.REWARD_STD]),
+                "client/accuracy": float(m[wire.ACCURACY]),
+                "client/num_examples": int(m[wire.NUM_EXAMPLES]),
+                "client/train_s": float(m[wire.TRAIN_TIME]),
+                "client/update_norm": norm,
+            }
+            if factor < 1.0:
+                record["defense/clip_factor"] = factor
+            if self.config.federation.method != "local":
+                record["agg/weight"] = weight
+            if gain is not None:
+                record["agg/gain"] = gain
+            self.writer.write("client", round=server_round, client=cid, **record)
+
+    def evaluate(self, server_round: int) -> dict[str, float]:
+        """Every client scores θ_t on its held-out split; returns the pooled accuracy."""
+        messages = self.strategy.configure_evaluate(server_round, self.arrays, self.round_config, self.grid)
+        answered = self.send(list(messages))
+        replies = [r for r in answered if not r.has_error()]
+        if server_round == 0 and not replies:
+            errors = [Failure(r.metadata.src_node_id, None, f"client error: {r.error.reason}") for r in answered]
+            raise FederationError(
+                f"round 0: no client could evaluate the starting model ({summarize_failures(errors) or 'no replies'}); "
+                f"nothing was kept in '{self.run_dir}': fix the cause and run the same command again"
+            )
+        for reply in replies:
+            m = reply.content[wire.METRICS]
+            if ACC_HELDOUT in m:
+                self.writer.write(
+                    "client", round=server_round, client=int(m[wire.CLIENT_ID]), **{f"client/{ACC_HELDOUT}": float(m[ACC_HELDOUT])}
+                )
+        return global_accuracy(replies)
+
+    def checkpoint(self, server_round: int) -> None:
+        python_rng, numpy_rng = capture_rng()
+        save_checkpoint(
+            self.run_dir,
+            ServerState(
+                server_round=server_round,
+                arrays=record_to_arrays(self.arrays),
+                strategy=strategy_state(self.strategy),
+                python_rng=python_rng,
+                numpy_rng=numpy_rng,
+                metrics_offset=(self.run_dir / "metrics.jsonl").stat().st_size,
+                metrics_sha256=file_sha256(self.run_dir / "metrics.jsonl"),
+                config_text=dump_config(self.config),
+                initial=self.initial,
+                final_accuracy=self.final_accuracy,
+                elapsed_s=time.perf_counter() - self.started,
+                grid_state=self.grid.state_dict() if hasattr(self.grid, "state_dict") else None,
+                extra={"node_clients": dict(self.node_clients)},
+            ),
+        )
+
+    # ------------------------------------------------------------------ rounds
+
+    def initial_round(self) -> None:
+        """Round 0: evaluate θ₀ and checkpoint, so a run killed in round 1 resumes from here."""
+        self.initial = self.evaluate(0)
+        self.writer.write("round", round=0, **self.initial)
+        self.final_accuracy = self.initial[GLOBAL_ACC]
+        self.final_global_set = self.initial.get(GLOBAL_ACC_GLOBAL_SET)
+        self.checkpoint(0)
+
+    def train_round(self, server_round: int) -> None:
+        """configure → send → screen → clip → aggregate → log → evaluate → checkpoint."""
+        fed = self.config.federation
+        round_start = time.perf_counter()
+        messages = self.configure(server_round)
+        bytes_down = sum(_record_bytes(m) for m in messages)
+        wire_before = getattr(self.grid, "wire_seconds", None)  # the in-process grid times its serialisation
+        replies = self.send(messages)
+        bytes_up = sum(_record_bytes(r) for r in replies if not r.has_error())  # as sent, before decoding
+        if fed.method == "local":
+            # The in-process plumbing passes adapters so one loop serves every method, but a
+            # local-only owner sends and receives nothing.
+            bytes_down = bytes_up = 0
+        aggregate_start = time.perf_counter()
+        ok, failures = self.screen(messages, replies)
+        if len(ok) < min(fed.min_train_clients, len(messages)):
+            for failure in failures:
+                known = {} if failure.client_id is None else {"client": failure.client_id}
+                self.writer.write("failure", round=server_round, node=failure.node_id, reason=failure.reason, **known)
+            raise FederationError(
+                f"round {server_round}: only {len(ok)} of {len(messages)} clients succeeded "
+                f"(min_train_clients = {fed.min_train_clients}); {summarize_failures(failures)}. "
+                f"The last checkpoint in '{self.run_dir}' is intact: once the cause is fixed without changing the "
+                f"config, continue with `fgrpo run {self.run_dir}/config.toml --resume {self.run_dir}`"
+            )
+        aggregated = self.aggregate(server_round, ok)
+        aggregate_s = time.perf_counter() - aggregate_start
+        wire_s = None if wire_before is None else self.grid.wire_seconds - wire_before
+        self.log_clients(server_round, ok, failures)
+        eval_start = time.perf_counter()
+        due = server_round % fed.eval_every == 0 or server_round == fed.rounds
+        evaluation = self.evaluate(server_round) if due else {}
+        eval_s = time.perf_counter() - eval_start
+        self.final_accuracy = evaluation.get(GLOBAL_ACC, self.final_accuracy)
+        self.final_global_set = evaluation.get(GLOBAL_ACC_GLOBAL_SET, self.final_global_set)
+        self.writer.write(
+            "round",
+            round=server_round,
+            **evaluation,
+            **privacy_spent(self.strategy),
+            **{
+                "comm/bytes_down": bytes_down,
+                "comm/bytes_up": bytes_up,
+                "time/round_s": time.perf_counter() - round_start,
+                "time/client_train_s": sum(float(r.content[wire.METRICS][wire.TRAIN_TIME]) for r in ok),
+                "time/aggregate_s": aggregate_s,
+                "time/eval_s": eval_s,
+                **({} if wire_s is None else {"time/wire_s": wire_s}),
+                "clients/sampled": len(messages),
+                "clients/failed": len(failures),
+                "clients/aggregated": len(ok) if aggregated else 0,
+            },
+        )
+        if server_round % fed.checkpoint_every == 0 or server_round == fed.rounds:
+            self.checkpoint(server_round)
+
+
 def run_federation(
     grid: Grid, config: Config, run_dir: Path, *, progress: bool = True, overwrite: bool = False, resume: bool = False
 ) -> dict:
@@ -350,29 +373,24 @@ def run_federation(
     has started cleanly (round 0 evaluated and checkpointed); a failed start
     removes what it wrote and puts the previous run back.
     """
-    state = _resume_state(Path(run_dir), config) if resume else None
+    state = resume_state(Path(run_dir), config) if resume else None
     with run_directory(run_dir, overwrite=overwrite, resume=resume) as directory:
-        return _run_rounds(grid, config, directory, state, progress)
+        return _run(grid, config, directory, state, progress)
 
 
-def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: ServerState | None, progress: bool) -> dict:
-    from fgrpo.federation.app import _shared_learner, arrays_to_record, record_to_arrays
-    from fgrpo.core.model import get_trainable_arrays
-
+def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState | None, progress: bool) -> dict:
     fed = config.federation
-    method = fed.method
     seed = config.training.seed
     run_dir = directory.path
     write_config(run_dir, config)
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
-    learner = _shared_learner(dump_config(config))
-    node_clients: dict[int, int] = {}
+    init_timeout = None if fed.round_timeout_s is None else max(fed.round_timeout_s, INIT_TIMEOUT_S)
+    initial_arrays, layout = init_from_client(grid, node_ids, init_timeout)
     if state is None:
         random.seed(seed)  # Flower strategies sample nodes with the `random` module
         np.random.seed(seed)  # Flower's DP noise uses NumPy's global RNG
-        arrays = arrays_to_record(get_trainable_arrays(learner.model))
-        first_round, elapsed = 1, 0.0
+        arrays, first_round, elapsed, node_clients = initial_arrays, 1, 0.0, {}
     else:
         arrays = arrays_to_record(state.arrays)
         load_strategy_state(strategy, state.strategy)
@@ -384,159 +402,33 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
         with open(run_dir / "metrics.jsonl", "r+b") as handle:  # drop records of the round the crash cut short
             handle.truncate(state.metrics_offset)
         first_round, elapsed = state.server_round + 1, state.elapsed_s
-    if hasattr(strategy, "set_initial_arrays"):
-        strategy.set_initial_arrays(arrays)
 
-    train_config = {"local-steps": local_steps_per_round(config), "local-only": method == "local"}
-    started = time.perf_counter() - elapsed
-    from fgrpo.core.train import _progress
-
-    def checkpoint(server_round: int, initial: dict, final_accuracy: float) -> None:
-        python_rng, numpy_rng = capture_rng()
-        save_checkpoint(
-            run_dir,
-            ServerState(
-                server_round=server_round,
-                arrays=record_to_arrays(arrays),
-                strategy=strategy_state(strategy),
-                python_rng=python_rng,
-                numpy_rng=numpy_rng,
-                metrics_offset=(run_dir / "metrics.jsonl").stat().st_size,
-                metrics_sha256=file_sha256(run_dir / "metrics.jsonl"),
-                config_text=dump_config(config),
-                initial=initial,
-                final_accuracy=final_accuracy,
-                elapsed_s=time.perf_counter() - started,
-                grid_state=grid.state_dict() if hasattr(grid, "state_dict") else None,
-                extra={"node_clients": dict(node_clients)},
-            ),
-        )
-
-    with MetricsWriter(run_dir, method, seed) as writer, _progress(progress) as bar:
-        task = bar.add_task(f"{method} seed {seed}", total=fed.rounds, completed=first_round - 1, info="")
-
-        def evaluate_round(server_round: int) -> dict[str, float]:
-            messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid)
-            answered = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-            replies = [r for r in answered if not r.has_error()]
-            if server_round == 0 and not replies:
-                errors = [Failure(r.metadata.src_node_id, None, f"client error: {r.error.reason}") for r in answered]
-                raise FederationError(
-                    f"round 0: no client could evaluate the starting model ({summarize_failures(errors) or 'no replies'}); "
-                    f"nothing was kept in '{run_dir}': fix the cause and run the same command again"
-                )
-            for reply in replies:
-                m = reply.content["metrics"]
-                if "acc-heldout" in m:
-                    writer.write("client", round=server_round, client=int(m["client-id"]), **{"client/acc_heldout": float(m["acc-heldout"])})
-            return _global_accuracy(replies)
-
+    with MetricsWriter(run_dir, fed.method, seed) as writer, progress_bar(progress) as bar:
+        loop = RoundLoop(grid, config, run_dir, strategy, writer, arrays, time.perf_counter() - elapsed, node_clients)
+        task = bar.add_task(f"{fed.method} seed {seed}", total=fed.rounds, completed=first_round - 1, info="")
         if state is None:
-            initial = evaluate_round(0)
-            writer.write("round", round=0, **initial)
-            final_accuracy = initial["global/acc_heldout"]
-            checkpoint(0, initial, final_accuracy)
+            loop.initial_round()
             directory.commit()  # started cleanly: a replaced run may go now
         else:
-            initial, final_accuracy = state.initial, state.final_accuracy
-        bar.update(task, info=f"acc {final_accuracy:.1%}")
-        final_global_set = initial.get("global/acc_global_set")
+            loop.initial, loop.final_accuracy = state.initial, state.final_accuracy
+            loop.final_global_set = state.initial.get(GLOBAL_ACC_GLOBAL_SET)
+        bar.update(task, info=f"acc {loop.final_accuracy:.1%}")
         for server_round in range(first_round, fed.rounds + 1):
-            round_start = time.perf_counter()
-            current = record_to_arrays(arrays)
-            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
-            bytes_down = sum(_record_bytes(m) for m in messages)
-            wire_before = getattr(grid, "wire_seconds", None)
-            replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-            bytes_up = sum(_record_bytes(r) for r in replies if not r.has_error())  # as sent, before decoding
-            if method == "local":
-                # The in-process plumbing passes adapters so one loop serves every method, but a
-                # local-only owner sends and receives nothing.
-                bytes_down = bytes_up = 0
-            aggregate_start = time.perf_counter()
-            ok, failures = screen_replies(messages, replies, current, node_clients, fed.compression)
-            ok, norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
-            failures += rejected
-            for failure in failures:
-                known = {} if failure.client_id is None else {"client": failure.client_id}
-                writer.write("failure", round=server_round, node=failure.node_id, reason=failure.reason, **known)
-            if len(ok) < min(fed.min_train_clients, len(messages)):
-                raise FederationError(
-                    f"round {server_round}: only {len(ok)} of {len(messages)} clients succeeded "
-                    f"(min_train_clients = {fed.min_train_clients}); {summarize_failures(failures)}. "
-                    f"The last checkpoint in '{run_dir}' is intact: once the cause is fixed "
-                    f"without changing the config, continue with `fgrpo run {run_dir}/config.toml --resume {run_dir}`"
-                )
-            new_arrays, _ = strategy.aggregate_train(server_round, ok)
-            if new_arrays is not None and method in SERVER_LR_METHODS and fed.server_lr != 1.0:
-                # θ ← θ + η (aggregate − θ): the FedAvg family's server learning rate (fgrpo tune searches it).
-                new_arrays = arrays_to_record(scale_update(current, record_to_arrays(new_arrays), fed.server_lr))
-            if new_arrays is not None and method != "local":
-                arrays = new_arrays
-            aggregate_s = time.perf_counter() - aggregate_start
-            wire_s = None if wire_before is None else grid.wire_seconds - wire_before
-            weights = _aggregation_weights(strategy, ok)
-            for reply in ok:
-                m = reply.content["metrics"]
-                cid = int(m["client-id"])
-                weight, gain = weights.get(cid, (None, None))
-                record = {
-                    "client/reward_mean": float(m["reward-mean"]),
-                    "client/reward_std": float(m["reward-std"]),
-                    "client/accuracy": float(m["accuracy"]),
-                    "client/num_examples": int(m["num-examples"]),
-                    "client/train_s": float(m["train-time"]),
-                    "client/update_norm": norms[cid][0],
-                }
-                if norms[cid][1] < 1.0:
-                    record["defense/clip_factor"] = norms[cid][1]
-                if method != "local":
-                    record["agg/weight"] = weight
-                if gain is not None:
-                    record["agg/gain"] = gain
-                writer.write("client", round=server_round, client=cid, **record)
-            eval_start = time.perf_counter()
-            evaluation = evaluate_round(server_round) if server_round % fed.eval_every == 0 or server_round == fed.rounds else {}
-            eval_s = time.perf_counter() - eval_start
-            final_accuracy = evaluation.get("global/acc_heldout", final_accuracy)
-            final_global_set = evaluation.get("global/acc_global_set", final_global_set)
-            writer.write(
-                "round",
-                round=server_round,
-                **evaluation,
-                **_privacy_spent(strategy),
-                **{
-                    "comm/bytes_down": bytes_down,
-                    "comm/bytes_up": bytes_up,
-                    "time/round_s": time.perf_counter() - round_start,
-                    "time/client_train_s": sum(float(r.content["metrics"]["train-time"]) for r in ok),
-                    "time/aggregate_s": aggregate_s,
-                    "time/eval_s": eval_s,
-                    **({} if wire_s is None else {"time/wire_s": wire_s}),
-                    "clients/sampled": len(messages),
-                    "clients/failed": len(failures),
-                    "clients/aggregated": len(ok) if new_arrays is not None else 0,
-                },
-            )
-            if server_round % fed.checkpoint_every == 0 or server_round == fed.rounds:
-                checkpoint(server_round, initial, final_accuracy)
-            bar.update(task, advance=1, info=f"acc {final_accuracy:.1%}")
-    wall = time.perf_counter() - started
+            loop.train_round(server_round)
+            bar.update(task, advance=1, info=f"acc {loop.final_accuracy:.1%}")
+    wall = time.perf_counter() - loop.started
     if config.output.save_adapter:
-        from fgrpo.core.model import set_trainable_arrays
-
-        set_trainable_arrays(learner.model, record_to_arrays(arrays))
-        learner.model.save_pretrained(run_dir / "adapter")
+        save_weights(run_dir / "adapter", record_to_arrays(loop.arrays), layout)
     summary = {
-        "method": method,
+        "method": fed.method,
         "seed": seed,
         "rounds": fed.rounds,
-        "initial/acc_heldout": initial["global/acc_heldout"],
-        "final/acc_heldout": final_accuracy,
-        **({} if final_global_set is None else {"final/acc_global_set": final_global_set}),
+        f"initial/{ACC_HELDOUT}": loop.initial[GLOBAL_ACC],
+        f"final/{ACC_HELDOUT}": loop.final_accuracy,
+        **({} if loop.final_global_set is None else {f"final/{wire.ACC_GLOBAL_SET}": loop.final_global_set}),
         "eval_split": config.evaluation.split,
         "wall_s": wall,
-        **_privacy_spent(strategy),
+        **privacy_spent(strategy),
     }
     write_summary(run_dir, summary)
     return summary

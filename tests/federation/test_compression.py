@@ -58,6 +58,20 @@ def test_bf16_bits_match_torchs_bfloat16_cast():
     np.testing.assert_array_equal(from_bf16_bits(bits), expected)
 
 
+def test_numpy_bf16_is_bit_identical_to_torch_on_ties_extremes_and_specials():
+    """The codec is numpy (the server decodes without torch); torch's cast is the reference."""
+    rng = np.random.default_rng(1)
+    wide = rng.standard_normal(20_000).astype(np.float32) * np.float32(10.0) ** rng.integers(-40, 38, 20_000)
+    ties = np.array([1.00390625, 1.01171875, -1.00390625, 3.0e-39, 1e-45], np.float32)  # halfway cases, subnormals
+    special = np.array([np.inf, -np.inf, 0.0, -0.0, np.finfo(np.float32).max, -np.finfo(np.float32).max], np.float32)
+    values = np.concatenate([wide.astype(np.float32), ties, special])
+    reference = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(to_bf16_bits(values), reference)
+    back = torch.from_numpy(reference.view(np.int16)).view(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(from_bf16_bits(reference), back)
+    assert np.isnan(from_bf16_bits(to_bf16_bits(np.array([np.nan], np.float32)))).all()
+
+
 @pytest.mark.parametrize("codec,tolerance,bytes_per_value", [("none", 0, 4), ("fp16", 1e-3, 2), ("bf16", 8e-3, 2), ("int8", 1e-2, 1)])
 def test_every_codec_decodes_to_the_same_shapes_within_its_precision(codec, tolerance, bytes_per_value):
     rng = np.random.default_rng(1)
@@ -124,6 +138,7 @@ def test_dp_with_compression_is_refused_with_the_keys_named(tmp_path):
         config_from_dict(data)
 
 
+@pytest.mark.slow
 def test_int8_uploads_quarter_the_bytes_and_the_server_decodes_them(tmp_path):
     from conftest import small_config_dict
 
@@ -149,7 +164,8 @@ def test_a_client_sending_the_wrong_encoding_is_excluded_with_the_reason(tmp_pat
     from flwr.app import Array, ArrayRecord, Context, Message
     from flwr.clientapp import ClientApp
 
-    from fgrpo.federation.app import CONFIG_KEY, client_evaluate, client_train
+    from fgrpo.federation.clientapp import client_evaluate, client_init, client_train
+    from fgrpo.federation.wire import CONFIG_KEY
     from fgrpo.config import dump_config
     from fgrpo.federation.inprocess import InProcessGrid
     from fgrpo.deploy.runtime import node_configs
@@ -169,6 +185,7 @@ def test_a_client_sending_the_wrong_encoding_is_excluded_with_the_reason(tmp_pat
         return reply
 
     app.evaluate()(client_evaluate)
+    app.query()(client_init)
     grid = InProcessGrid(app, node_configs(config), run_config={CONFIG_KEY: dump_config(config)})
     run_federation(grid, config, tmp_path / "run", progress=False)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

@@ -10,7 +10,7 @@ from fgrpo.config import load_config
 from fgrpo.deploy.runtime import run_simulation
 from tiny_models import save_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "examples").glob("*.toml"))
 
 
@@ -30,6 +30,7 @@ def test_recipes_b_and_c_name_real_models_and_reasoning_rewards():
         assert config.model.gradient_checkpointing and config.tasks.rewards[0].name == "math_verify"
 
 
+@pytest.mark.slow
 def test_recipe_b_runs_two_rounds_on_a_tiny_qwen2(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the recipe's data path is relative to the repository
     folder = save_tiny_checkpoint("qwen2", tmp_path / "qwen2")

@@ -13,12 +13,15 @@ from flwr.clientapp import ClientApp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fgrpo.federation.app import CONFIG_KEY, client_evaluate, client_train, dp_clipping_mod
+from fgrpo.federation.clientapp import client_evaluate, client_init, client_train, dp_clipping_mod
+from fgrpo.federation.wire import CONFIG_KEY
 from fgrpo.config import config_from_dict, dump_config
 from fgrpo.errors import ConfigError, FederationError
 from fgrpo.federation.inprocess import InProcessGrid
 from fgrpo.deploy.runtime import node_configs, run_simulation
-from fgrpo.federation.server import build_strategy, clip_replies, run_federation, screen_replies
+from fgrpo.federation.methods import build_strategy
+from fgrpo.federation.screening import clip_replies, screen_replies
+from fgrpo.federation.server import run_federation
 from fgrpo.federation.strategies import FGRPO
 
 
@@ -51,6 +54,7 @@ def faulty_app(faults: dict[int, str]) -> ClientApp:
         return reply
 
     app.evaluate()(client_evaluate)
+    app.query()(client_init)
     return app
 
 

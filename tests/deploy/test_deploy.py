@@ -54,6 +54,8 @@ def adapter_tensors(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
+@pytest.mark.flower
 def test_flower_loopback_matches_in_process_run(tmp_path):
     """2 rounds of FGRPO via `flwr run` on SuperLink + 2 SuperNodes == the in-process run, then `fgrpo report`."""
     from fgrpo.reporting.report import write_report
@@ -95,6 +97,8 @@ def test_flower_loopback_matches_in_process_run(tmp_path):
     assert summary_f["final/acc_heldout"] == summary_s["final/acc_heldout"]
 
 
+@pytest.mark.slow
+@pytest.mark.flower
 def test_killed_supernode_fails_its_round_and_the_run_goes_on(tmp_path):
     """SIGKILL one SuperNode during round 1: the round completes with the other, counts the failure, round 2 runs."""
     from fgrpo.deploy.runtime import node_configs
@@ -130,12 +134,14 @@ def test_killed_supernode_fails_its_round_and_the_run_goes_on(tmp_path):
     assert (run_dir / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_wire_carries_only_adapters_and_aggregate_statistics(tmp_path):
     """What a client sends: one ArrayRecord of adapter weights and one MetricRecord of scalars — no prompts,
     completions or per-example rewards (checked on the deserialised replies of a real in-process run)."""
     from conftest import small_config_dict
 
-    from fgrpo.federation.app import CONFIG_KEY, _client_data, client_app
+    from fgrpo.federation.clientapp import _client_data, client_app
+    from fgrpo.federation.wire import CONFIG_KEY
     from fgrpo.config import dump_config
     from fgrpo.federation.inprocess import InProcessGrid
     from fgrpo.deploy.runtime import node_configs
@@ -153,10 +159,17 @@ def test_wire_carries_only_adapters_and_aggregate_statistics(tmp_path):
         data = _client_data(dump_config(config), i, config.federation.num_clients, "")
         private_text |= {ex.prompt for ex in data.train + data.test} | {str(ex.answer) for ex in data.train + data.test}
 
-    from fgrpo.federation.app import _shared_learner
+    from fgrpo.federation.clientapp import _shared_learner
     from fgrpo.core.model import get_trainable_arrays
 
     trainable = get_trainable_arrays(_shared_learner(dump_config(config)).model)
+    # One client answers the model-free server's init query: θ₀ and a model description, never data.
+    (init,) = [r for r in replies if r.metadata.message_type == "query"]
+    assert set(init.content.config_records) == {"config"} and set(init.content["config"]) == {"checkpoint-layout"}
+    layout = str(init.content["config"]["checkpoint-layout"])
+    assert not any(text in layout for text in private_text if len(text) > 3), "a prompt in the checkpoint layout"
+    assert {k: tuple(a.shape) for k, a in init.content["arrays"].items()} == {k: v.shape for k, v in trainable.items()}
+    replies = [r for r in replies if r is not init]
     assert len(replies) == 2 * 2 + 2 * 3  # 2 clients × (2 train + 3 evaluate)
     for reply in replies:
         content = reply.content
@@ -208,9 +221,9 @@ def test_commands_and_files(tmp_path):
     path = deploy.write_run_config(config, tmp_path / "out", tmp_path / "rc.toml")
     overrides = parse_config_args([str(path)])
     assert overrides["run-dir"] == str((tmp_path / "out").resolve())
-    from fgrpo.federation.app import _config_from_text
+    from fgrpo.federation.wire import config_from_text
 
-    assert _config_from_text(overrides["fgrpo-config"]) == config
+    assert config_from_text(overrides["fgrpo-config"]) == config
     with pytest.raises(ConfigError, match=".toml"):
         deploy.write_run_config(config, tmp_path, tmp_path / "rc.txt")
 
@@ -224,6 +237,7 @@ def test_commands_and_files(tmp_path):
     assert saved["other"] == {"address": "10.0.0.1:9100", "insecure": True} and saved["default"] == "fgrpo-local"
 
 
+@pytest.mark.flower
 def test_pyproject_is_a_valid_flower_app():
     from flwr.cli.build import build_fab_from_disk
     from flwr.common.config import get_fused_config_from_dir, validate_config
@@ -239,13 +253,13 @@ def test_pyproject_is_a_valid_flower_app():
     import zipfile
 
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
-    assert "src/fgrpo/federation/app.py" in names and not any(n.startswith(("tests/", "runs/")) for n in names)
+    assert {"src/fgrpo/federation/serverapp.py", "src/fgrpo/federation/clientapp.py"} <= set(names) and not any(n.startswith(("tests/", "runs/")) for n in names)
     with pytest.raises(ConfigError, match="Flower App"):
         deploy.flower_app_dir(app / "src")
 
 
 def test_missing_data_path_names_the_path(tmp_path):
-    from fgrpo.federation.app import _client_data
+    from fgrpo.federation.clientapp import _client_data
     from fgrpo.config import dump_config
     from fgrpo.errors import DataError
 
@@ -258,7 +272,8 @@ def test_missing_reply_counts_as_failed(tmp_path):
     """A node that never answers (the SuperLink's timeout path) is a failed client, like an error reply."""
     from conftest import small_config_dict
 
-    from fgrpo.federation.app import CONFIG_KEY, client_app
+    from fgrpo.federation.clientapp import client_app
+    from fgrpo.federation.wire import CONFIG_KEY
     from fgrpo.config import dump_config
     from fgrpo.federation.inprocess import InProcessGrid
     from fgrpo.deploy.runtime import node_configs
@@ -277,6 +292,7 @@ def test_missing_reply_counts_as_failed(tmp_path):
     assert [(r["clients/sampled"], r["clients/failed"]) for r in rounds] == [(2, 1), (2, 1)]
 
 
+@pytest.mark.flower
 def test_tls_and_supernode_authentication_on_loopback(tmp_path):
     """TLS everywhere and CLI-managed SuperNode authentication: registered nodes come online, a stranger does not."""
     nodes = [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2}]

@@ -118,6 +118,7 @@ def records(run_dir):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.slow
 def test_two_federated_rounds_on_each_real_architecture(checkpoints, tmp_path, arch):
     data = federated_config(tmp_path, checkpoints[arch])
     if arch == "llama":  # MATH subjects as non-IID owners: two whole subjects each
@@ -140,6 +141,7 @@ def test_two_federated_rounds_on_each_real_architecture(checkpoints, tmp_path, a
     assert adapter["base_model_name_or_path"] == str(checkpoints[arch])
 
 
+@pytest.mark.slow
 def test_exported_adapter_merges_into_the_base_model(checkpoints, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

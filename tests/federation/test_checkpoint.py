@@ -127,6 +127,7 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> None:
     assert process.returncode == 0, output
 
 
+@pytest.mark.slow
 def test_killed_at_a_random_point_and_resumed_equals_an_uninterrupted_run(tmp_path):
     config = write_config(tmp_path)
     reference_process = fgrpo_run(str(config), "-o", str(tmp_path / "reference"))
@@ -153,6 +154,7 @@ def test_killed_at_a_random_point_and_resumed_equals_an_uninterrupted_run(tmp_pa
         assert comparable(run_dir) == reference, f"repeat {repeat}: killed after round {killed_at}"
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config_and_a_finished_run(tmp_path):
     from fgrpo.deploy.runtime import run_simulation
 
@@ -173,6 +175,7 @@ def test_resume_refuses_a_changed_config_and_a_finished_run(tmp_path):
     assert rounds == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_compression_residuals_survive_a_resume(tmp_path):
     """Error feedback lives in each node's context: a stop after round 1 and a resume must equal one 2-round run."""
     from conftest import small_config_dict

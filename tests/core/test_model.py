@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from fgrpo.errors import ModelError
+from fgrpo.federation.wire import arrays_nbytes
 from fgrpo.core.model import (
     add_lora,
-    arrays_nbytes,
     build_tiny_model,
     build_tiny_tokenizer,
     get_trainable_arrays,

@@ -1,77 +1,44 @@
-"""The Flower App: one ClientApp and one ServerApp, run unchanged in-process and on Flower.
+"""The Flower ClientApp: a node's local GRPO rounds, held-out evaluation and θ₀, run unchanged in-process and on Flower.
 
 The run config carries the whole resolved fgrpo config as TOML text
 (`fgrpo-config`), so a SuperNode needs nothing from the server but the run;
 each node's own data comes from its node config (`partition-id` /
-`num-partitions`, or `data-path` for a private JSONL file).
+`num-partitions`, or `data-path` for a private JSONL file). What goes over the
+wire is `fgrpo.federation.wire`'s contract.
 """
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
-from fgrpo.federation.client import ClientData, all_client_data, evaluate_arrays, local_round, pooled_data, round_seed
 from fgrpo.config import Config
 from fgrpo.core.learner import GRPOLearner
+from fgrpo.core.model import checkpoint_layout, get_trainable_arrays
 from fgrpo.core.pipeline import build_learner
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-CONFIG_KEY = "fgrpo-config"
-RUN_DIR_KEY = "run-dir"
-RESUME_KEY = "resume"
-LOCAL_ADAPTER_KEY = "local-adapter"
-RESIDUAL_KEY = "compression-residual"
-OPTIMIZER_KEY = "optimizer-state"
-
-
-def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
-
-
-def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}
-
-
-@lru_cache(maxsize=4)
-def _config_from_text(text: str) -> Config:
-    from fgrpo.config import config_from_dict, load_config
-
-    if not text.strip():  # `flwr run .` with the pyproject defaults: the packaged quickstart scenario
-        from importlib.resources import files
-
-        return load_config(Path(str(files("fgrpo") / "scenarios" / "quickstart.toml")))
-    return config_from_dict(tomllib.loads(text), source=f"run config '{CONFIG_KEY}'")
-
-
-def config_from_context(context: Context) -> Config:
-    return _config_from_text(str(context.run_config[CONFIG_KEY]))
-
+from fgrpo.federation import wire
+from fgrpo.federation.client import ClientData, all_client_data, evaluate_arrays, local_round, pooled_data, round_seed
+from fgrpo.federation.export import layout_to_text as export_layout_text
+from fgrpo.federation.wire import arrays_to_record, config_from_context, config_from_text, record_to_arrays
 
 @lru_cache(maxsize=2)
 def _shared_learner(config_text: str) -> GRPOLearner:
     """One policy per process: in-process clients share it and swap adapters in and out."""
-    config = _config_from_text(config_text)
+    config = config_from_text(config_text)
     return build_learner(config, config.training.seed)
 
 
 def shared_learner(context: Context) -> GRPOLearner:
-    return _shared_learner(str(context.run_config[CONFIG_KEY]))
+    return _shared_learner(wire.config_text(context))
 
 
 @lru_cache(maxsize=1024)
 def _client_data(config_text: str, partition_id: int, num_partitions: int, data_path: str) -> ClientData:
-    config = _config_from_text(config_text)
+    config = config_from_text(config_text)
     if data_path:
         if not Path(data_path).is_file():
             from fgrpo.errors import DataError
@@ -90,19 +57,20 @@ def _client_data(config_text: str, partition_id: int, num_partitions: int, data_
 @lru_cache(maxsize=2)
 def _partitioned(config_text: str, num_partitions: int) -> list[ClientData]:
     """All partitions at once: in-process nodes share one partitioning (examples are shared, not copied)."""
-    return all_client_data(_config_from_text(config_text), num_partitions)
+    return all_client_data(config_from_text(config_text), num_partitions)
+
+
+# A node's own file holds out the same share as a config's [[tasks.files]] entry by default.
+NODE_FILE_TEST_FRACTION = 0.2
 
 
 def file_client_data(config: Config, partition_id: int, data_path: str) -> ClientData:
     """A SuperNode's own JSONL file (deployment): its prompts never exist anywhere else."""
-    import random
-
-    from fgrpo.data.tasks import load_jsonl
+    from fgrpo.data.tasks import load_jsonl, train_test_split
 
     examples = load_jsonl(data_path, family=f"client{partition_id}")
-    random.Random(config.tasks.seed).shuffle(examples)
-    num_test = max(1, len(examples) // 5) if len(examples) > 1 else 0
-    return ClientData(partition_id, examples[num_test:], examples[:num_test])
+    train, test = train_test_split(examples, NODE_FILE_TEST_FRACTION, config.tasks.seed)
+    return ClientData(partition_id, train, test)
 
 
 def global_heldout(context: Context, split: str) -> list | None:
@@ -112,8 +80,8 @@ def global_heldout(context: Context, split: str) -> list | None:
     node with its own data file cannot see other owners' data, so it gets None.
     """
     node = context.node_config
-    config_text = str(context.run_config[CONFIG_KEY])
-    if str(node.get("data-path", "")) or _config_from_text(config_text).federation.method == "centralized":
+    config_text = wire.config_text(context)
+    if str(node.get("data-path", "")) or config_from_text(config_text).federation.method == "centralized":
         return None
     shares = _partitioned(config_text, int(node.get("num-partitions", 1)))
     return [ex for share in shares for ex in share.heldout(split)]
@@ -122,7 +90,7 @@ def global_heldout(context: Context, split: str) -> list | None:
 def node_data(context: Context) -> ClientData:
     node = context.node_config
     return _client_data(
-        str(context.run_config[CONFIG_KEY]),
+        wire.config_text(context),
         int(node.get("partition-id", 0)),
         int(node.get("num-partitions", 1)),
         str(node.get("data-path", "")),
@@ -139,18 +107,18 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     from flwr.app import MessageType
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-    from fgrpo.federation.defense import scale_update, update_norm
+    from fgrpo.federation.defense import update_norm
 
     reply = call_next(msg, context)
-    config = msg.content.config_records.get("config") if msg.has_content() else None
+    config = msg.content.config_records.get(wire.CONFIG) if msg.has_content() else None
     if msg.metadata.message_type != MessageType.TRAIN or config is None or KEY_CLIPPING_NORM not in config:
         return reply
     if reply.has_error():
         return reply
-    start, sent = record_to_arrays(msg.content["arrays"]), record_to_arrays(reply.content["arrays"])
+    start, sent = record_to_arrays(msg.content[wire.ARRAYS]), record_to_arrays(reply.content[wire.ARRAYS])
     norm, clip = update_norm(start, sent), float(config[KEY_CLIPPING_NORM])
     if norm > clip:
-        reply.content["arrays"] = arrays_to_record(scale_update(start, sent, clip / norm))
+        reply.content[wire.ARRAYS] = arrays_to_record(wire.scale_update(start, sent, clip / norm))
     return reply
 
 
@@ -162,9 +130,9 @@ def simulate_attack(
     if client_id not in attack.clients:
         return arrays, metrics
     if attack.update_scale != 1.0:
-        arrays = {k: start[k] + attack.update_scale * (v - start[k]) for k, v in arrays.items()}
+        arrays = wire.scale_update(start, arrays, attack.update_scale)
     if attack.reward_growth is not None:
-        metrics = {**metrics, "reward-mean": float(attack.reward_growth ** max(server_round, 1))}
+        metrics = {**metrics, wire.REWARD_MEAN: float(attack.reward_growth ** max(server_round, 1))}
     return arrays, metrics
 
 
@@ -176,11 +144,11 @@ def encode_upload(config: Config, start: dict[str, np.ndarray], trained: dict[st
     if options.codec == "none":
         return trained
     residual = None
-    if options.error_feedback and RESIDUAL_KEY in context.state:
-        residual = record_to_arrays(context.state[RESIDUAL_KEY])
+    if options.error_feedback and wire.RESIDUAL_KEY in context.state:
+        residual = record_to_arrays(context.state[wire.RESIDUAL_KEY])
     encoded, residual = compress_update(start, trained, options.codec, residual, options.block_size)
     if options.error_feedback:
-        context.state[RESIDUAL_KEY] = arrays_to_record(residual)
+        context.state[wire.RESIDUAL_KEY] = arrays_to_record(residual)
     return encoded
 
 
@@ -193,34 +161,34 @@ def client_train(msg: Message, context: Context) -> Message:
     config = config_from_context(context)
     learner = shared_learner(context)
     data = node_data(context)
-    round_config = msg.content["config"]
-    start = record_to_arrays(msg.content["arrays"])
-    local_only = bool(round_config.get("local-only", False))
-    if local_only and LOCAL_ADAPTER_KEY in context.state:
-        start = record_to_arrays(context.state[LOCAL_ADAPTER_KEY])  # local-only ignores the global model
-    server_round = int(round_config.get("server-round", 0))
+    round_config = msg.content[wire.CONFIG]
+    start = record_to_arrays(msg.content[wire.ARRAYS])
+    local_only = bool(round_config.get(wire.LOCAL_ONLY, False))
+    if local_only and wire.LOCAL_ADAPTER_KEY in context.state:
+        start = record_to_arrays(context.state[wire.LOCAL_ADAPTER_KEY])  # local-only ignores the global model
+    server_round = int(round_config.get(wire.SERVER_ROUND, 0))
     keep_optimizer = config.federation.keep_optimizer_state
     arrays, metrics = local_round(
         learner,
         start,
         data,
-        local_steps=int(round_config.get("local-steps", config.federation.local_steps)),
+        local_steps=int(round_config.get(wire.LOCAL_STEPS, config.federation.local_steps)),
         prompts_per_step=config.training.prompts_per_step,
         seed=round_seed(config.training.seed, data.client_id, server_round),
-        proximal_mu=float(round_config.get("proximal-mu", 0.0)),
-        optimizer_state=record_to_arrays(context.state[OPTIMIZER_KEY]) if keep_optimizer and OPTIMIZER_KEY in context.state else None,
+        proximal_mu=float(round_config.get(wire.PROXIMAL_MU, 0.0)),
+        optimizer_state=record_to_arrays(context.state[wire.OPTIMIZER_KEY]) if keep_optimizer and wire.OPTIMIZER_KEY in context.state else None,
         measure_in_round=config.federation.method == "fgrpo" and config.federation.fgrpo.gain == "in_round",
     )
     if keep_optimizer:  # the node's own state: it never leaves the client
-        context.state[OPTIMIZER_KEY] = arrays_to_record(learner.optimizer_state_arrays())
+        context.state[wire.OPTIMIZER_KEY] = arrays_to_record(learner.optimizer_state_arrays())
     arrays, metrics = simulate_attack(config, data.client_id, server_round, start, arrays, metrics)
     if local_only:
-        context.state[LOCAL_ADAPTER_KEY] = arrays_to_record(arrays)
-        record = context.state[LOCAL_ADAPTER_KEY]
+        context.state[wire.LOCAL_ADAPTER_KEY] = arrays_to_record(arrays)
+        record = context.state[wire.LOCAL_ADAPTER_KEY]
     else:
         record = arrays_to_record(encode_upload(config, start, arrays, context))
-    metrics.update({"num-examples": len(data.train), "client-id": data.client_id, "unit-weight": 1})
-    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    metrics.update({wire.NUM_EXAMPLES: len(data.train), wire.CLIENT_ID: data.client_id, wire.UNIT_WEIGHT: 1})
+    return Message(RecordDict({wire.ARRAYS: record, wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @client_app.evaluate()
@@ -230,36 +198,28 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     config = config_from_context(context)
     learner = shared_learner(context)
     data = node_data(context)
-    arrays = record_to_arrays(msg.content["arrays"])
-    local_only = bool(msg.content["config"].get("local-only", False))
-    if local_only and LOCAL_ADAPTER_KEY in context.state:
-        arrays = record_to_arrays(context.state[LOCAL_ADAPTER_KEY])
+    arrays = record_to_arrays(msg.content[wire.ARRAYS])
+    local_only = bool(msg.content[wire.CONFIG].get(wire.LOCAL_ONLY, False))
+    if local_only and wire.LOCAL_ADAPTER_KEY in context.state:
+        arrays = record_to_arrays(context.state[wire.LOCAL_ADAPTER_KEY])
     heldout = data.heldout(config.evaluation.split)
-    metrics: dict[str, float | int] = {"num-examples": len(heldout), "client-id": data.client_id}
+    metrics: dict[str, float | int] = {wire.NUM_EXAMPLES: len(heldout), wire.CLIENT_ID: data.client_id}
     if heldout:
         result = evaluate_arrays(learner, arrays, heldout, config.grpo.max_completion_length)
-        metrics["acc-heldout"] = result["eval/acc_heldout"]
+        metrics[wire.ACC_HELDOUT] = result[f"eval/{wire.ACC_HELDOUT}"]
         for ex_family in sorted({ex.family for ex in heldout}):
-            metrics[f"acc/{ex_family}"] = result[f"eval/acc/{ex_family}"]
-            metrics[f"n/{ex_family}"] = sum(ex.family == ex_family for ex in heldout)
+            metrics[f"{wire.FAMILY_ACC}{ex_family}"] = result[f"eval/acc/{ex_family}"]
+            metrics[f"{wire.FAMILY_N}{ex_family}"] = sum(ex.family == ex_family for ex in heldout)
     everyone = global_heldout(context, config.evaluation.split) if local_only else None
     if everyone:  # local-only reported twice: on its own split (above) and on every owner's held-out data
         result = evaluate_arrays(learner, arrays, everyone, config.grpo.max_completion_length)
-        metrics["acc-global-set"] = result["eval/acc_heldout"]
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        metrics[wire.ACC_GLOBAL_SET] = result[f"eval/{wire.ACC_HELDOUT}"]
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-server_app = ServerApp()
-
-
-@server_app.main()
-def server_main(grid: Grid, context: Context) -> None:
-    """Flower deployment entry point: the same federation loop as the in-process runtime."""
-    from fgrpo.deploy.flower import wait_for_nodes
-    from fgrpo.federation.server import run_federation
-
-    config = config_from_context(context)
-    run_dir = Path(str(context.run_config.get(RUN_DIR_KEY, "")) or config.output.dir)
-    wait_for_nodes(grid, 1 if config.federation.method == "centralized" else config.federation.num_clients)
-    # `flwr run ... --run-config 'resume=true'` continues a crashed deployment run from its checkpoint.
-    run_federation(grid, config, run_dir, progress=False, resume=bool(context.run_config.get(RESUME_KEY, False)))
+@client_app.query()
+def client_init(msg: Message, context: Context) -> Message:
+    """θ₀ and the checkpoint layout, for a server that holds no model (asked once, before round 0)."""
+    model = shared_learner(context).model
+    layout = ConfigRecord({wire.CHECKPOINT_LAYOUT: export_layout_text(checkpoint_layout(model))})
+    return Message(RecordDict({wire.ARRAYS: arrays_to_record(get_trainable_arrays(model)), wire.CONFIG: layout}), reply_to=msg)

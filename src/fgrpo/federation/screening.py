@@ -1,0 +1,115 @@
+"""Screen a round's replies before any strategy sees them: drop the broken ones, decode, bound the norms.
+
+A reply is left out, with its reason, when it is missing, an error, carries
+broken metrics or arrays, or (with norm clipping in "reject" mode) an update
+far larger than the round's median. Everything here works on records and
+numpy arrays only (no model).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from flwr.app import Message
+
+from fgrpo.config import CompressionConfig
+from fgrpo.federation import wire
+from fgrpo.federation.compression import CompressionError, apply_delta, decode_delta
+from fgrpo.federation.defense import norm_clip_factors, screen_update, update_norm
+from fgrpo.federation.wire import arrays_to_record, record_to_arrays
+
+
+class Failure(NamedTuple):
+    """A sampled client left out of a round's aggregation, and why."""
+
+    node_id: int
+    client_id: int | None
+    reason: str
+
+
+def _reply_arrays(reply: Message) -> dict[str, np.ndarray]:
+    return record_to_arrays(next(iter(reply.content.array_records.values())))
+
+
+def screen_replies(
+    messages: list[Message],
+    replies: list[Message],
+    current: dict[str, np.ndarray],
+    node_clients: dict[int, int],
+    compression: CompressionConfig | None = None,
+) -> tuple[list[Message], list[Failure]]:
+    """Split a round's replies into usable ones and failures (no reply, error, broken metrics or arrays).
+
+    With a compression codec, each usable reply is decoded in place to θ_t + Δ̂,
+    so what follows (clipping, every strategy) sees ordinary float32 weights.
+    """
+    ok: list[Message] = []
+    failures: list[Failure] = []
+    answered = {r.metadata.reply_to_message_id for r in replies}
+    for message in messages:
+        if message.metadata.message_id not in answered:
+            node = message.metadata.dst_node_id
+            failures.append(Failure(node, node_clients.get(node), "no reply within federation.round_timeout_s"))
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failures.append(Failure(node, node_clients.get(node), f"client error: {reply.error.reason}"[:400]))
+            continue
+        content = reply.content
+        metrics = next(iter(content.metric_records.values()), None) if content.metric_records else None
+        if len(content.array_records) != 1 or metrics is None:
+            failures.append(Failure(node, node_clients.get(node), "reply must carry one ArrayRecord and one MetricRecord"))
+            continue
+        client_id = metrics.get(wire.CLIENT_ID)
+        if isinstance(client_id, int) and not isinstance(client_id, bool):
+            node_clients[node] = client_id
+        bad_metrics = [
+            key
+            for key in (wire.REWARD_MEAN, wire.REWARD_STD, wire.NUM_EXAMPLES)
+            if not isinstance(metrics.get(key), (int, float)) or not np.isfinite(metrics[key])
+        ]
+        if not isinstance(client_id, int) or bad_metrics:
+            reason = f"missing or non-finite metrics {bad_metrics or [wire.CLIENT_ID]}"
+            failures.append(Failure(node, node_clients.get(node), reason))
+            continue
+        if metrics[wire.NUM_EXAMPLES] <= 0:
+            failures.append(Failure(node, client_id, f"reported {wire.NUM_EXAMPLES} = {metrics[wire.NUM_EXAMPLES]} (nothing trained)"))
+            continue
+        arrays = _reply_arrays(reply)
+        if compression is not None and compression.codec != "none":
+            try:
+                arrays = apply_delta(current, decode_delta(arrays, current, compression.codec, compression.block_size))
+            except CompressionError as error:
+                failures.append(Failure(node, client_id, str(error)[:400]))
+                continue
+            reply.content[next(iter(content.array_records))] = arrays_to_record(arrays)
+        problem = screen_update(current, arrays)
+        if problem is not None:
+            failures.append(Failure(node, client_id, problem))
+            continue
+        ok.append(reply)
+    return ok, failures
+
+
+def clip_replies(
+    ok: list[Message], current: dict[str, np.ndarray], multiple: float | None, mode: str
+) -> tuple[list[Message], dict[int, tuple[float, float]], list[Failure]]:
+    """Bound every update's norm by `multiple` × the round's median (scale it, or reject it).
+
+    Returns (kept replies, client-id -> (norm, factor), rejections). Scaled
+    replies are rewritten in place, so every strategy aggregates the bounded update.
+    """
+    norms = [update_norm(current, _reply_arrays(r)) for r in ok]
+    ids = [int(r.content[wire.METRICS][wire.CLIENT_ID]) for r in ok]
+    factors = norm_clip_factors(norms, multiple) if multiple is not None else np.ones(len(ok))
+    kept, rejected = [], []
+    for reply, norm, factor, cid in zip(ok, norms, factors, ids):
+        if factor < 1.0 and mode == "reject":
+            rejected.append(Failure(reply.metadata.src_node_id, cid, f"update norm {norm:.3g} > {multiple}× the round's median"))
+            continue
+        if factor < 1.0:
+            key = next(iter(reply.content.array_records))
+            reply.content[key] = arrays_to_record(wire.scale_update(current, _reply_arrays(reply), float(factor)))
+        kept.append(reply)
+    return kept, {cid: (norm, float(f)) for cid, norm, f in zip(ids, norms, factors)}, rejected

@@ -1,0 +1,48 @@
+"""Names every layer shares: the federated methods and the held-out accuracy metric.
+
+The method list lives here once: the config validates `federation.method`
+against it, the server maps a method to the strategy that aggregates it, the
+report orders and labels methods by it, and the CLI's defaults come from it.
+Plain Python with no imports, so the config, the GRPO core and the
+torch-free server can all read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to train: `strategy` aggregates it; `weighted`: it reports per-client weights and gains."""
+
+    name: str
+    strategy: str
+    weighted: bool = False
+    compared_by_default: bool = True
+
+
+REGISTRY: tuple[Method, ...] = (
+    Method("fgrpo", "fgrpo", weighted=True),
+    Method("fedavg", "fedavg"),
+    Method("fedprox", "fedprox"),
+    Method("fedadam", "fedadam"),
+    Method("fedyogi", "fedyogi", compared_by_default=False),
+    Method("fedadagrad", "fedadagrad", compared_by_default=False),
+    Method("fedavgm", "fedavgm", compared_by_default=False),
+    Method("reward_weighted", "reward_weighted", weighted=True),
+    # Run modes of the same code rather than strategies: pooled data on one client, or no aggregation.
+    Method("centralized", "fedavg"),
+    Method("local", "fedavg"),
+)
+METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY)
+BY_NAME: dict[str, Method] = {m.name: m for m in REGISTRY}
+# `fgrpo compare`'s default: every method but the extra FedOpt variants.
+COMPARED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.compared_by_default)
+WEIGHTED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.weighted)
+
+# Greedy accuracy on held-out prompts: one name end to end. The GRPO core logs
+# `eval/acc_heldout`, a client sends `acc_heldout`, the server logs
+# `client/acc_heldout` and `global/acc_heldout`, a summary has
+# `initial/acc_heldout` and `final/acc_heldout`.
+ACC_HELDOUT = "acc_heldout"
