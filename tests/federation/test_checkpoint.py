@@ -83,10 +83,10 @@ def test_fedadam_moments_and_fgrpo_baselines_survive_a_round_trip():
     load_strategy_state(fresh, strategy_state(adam))
     assert fresh.m_t["w"].tolist() == [1, 1] and fresh.v_t["w"].tolist() == [0.5, 0.5]
     fgrpo = FGRPO()
-    fgrpo._after_round(1, [type("R", (), {"client_id": 3, "reward_mean": 2.0})()])
+    fgrpo._after_round(1, [type("R", (), {"client_id": 3, "reward_mean": 2.0, "reward_var": 0.01})()])
     restored = FGRPO()
     load_strategy_state(restored, strategy_state(fgrpo))
-    assert restored.clients[3].baseline == 2.0
+    assert restored.clients[3].baseline == 2.0 and restored.clients[3].baseline_var == 0.01
     with pytest.raises(ConfigError, match="written by strategy FedAdam"):
         load_strategy_state(FGRPO(), strategy_state(adam))
 

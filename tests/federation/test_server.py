@@ -266,6 +266,7 @@ def test_a_round_zero_that_fails_on_every_client_keeps_nothing_and_advises_no_re
     config = config_from_dict(small_config_dict(tmp_path))
     app = ClientApp()
     app.train()(client_train)
+    app.query()(client_init)  # θ₀ comes from a client
 
     @app.evaluate()
     def broken(msg: Message, context: Context) -> Message:

@@ -191,7 +191,7 @@ def _decode(value: Any, tensors: dict[str, np.ndarray]) -> Any:
         if tag == "__items__":
             return {_decode(k, tensors): _decode(v, tensors) for k, v in inner}
         if tag == "__arrays__":
-            return ArrayRecord({k: Array(np.ascontiguousarray(_decode(v, tensors))) for k, v in inner.items()})
+            return arrays_to_record({k: _decode(v, tensors) for k, v in inner.items()})
     return {k: _decode(v, tensors) for k, v in value.items()}
 
 
