@@ -36,6 +36,7 @@ from fgrpo.federation.defense import norm_clip_factors, scale_update, screen_upd
 from fgrpo.errors import ConfigError, FederationError
 from fgrpo.core.model import arrays_nbytes
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
+from fgrpo.federation.screening import screen_round
 from fgrpo.federation.strategies import make_strategy
 
 # Methods that are run modes of the same code rather than Flower strategies.
@@ -173,10 +174,15 @@ def screen_replies(
     current: dict[str, np.ndarray],
     node_clients: dict[int, int],
     compression: CompressionConfig | None = None,
+    *,
+    num_clients: int,
+    weight_key: str = "num-examples",
 ) -> tuple[list[Message], list[Failure]]:
-    """Split a round's replies into usable ones and failures (no reply, error, broken metrics or arrays).
+    """Split a round's replies into usable ones and failures (no reply, error, broken records, metrics, ids or arrays).
 
-    With a compression codec, each usable reply is decoded in place to θ_t + Δ̂,
+    Records and metrics are screened first (`screening.screen_round`: the
+    node ↔ client-id bindings in `node_clients` grow on first sight). With a
+    compression codec, each usable reply is then decoded in place to θ_t + Δ̂,
     so what follows (clipping, every strategy) sees ordinary float32 weights.
     """
     from fgrpo.federation.app import arrays_to_record  # app imports this module
@@ -188,31 +194,12 @@ def screen_replies(
         if message.metadata.message_id not in answered:
             node = message.metadata.dst_node_id
             failures.append(Failure(node, node_clients.get(node), "no reply within federation.round_timeout_s"))
-    for reply in replies:
+    accepted, refused = screen_round(replies, train=True, num_clients=num_clients, bindings=node_clients, weight_key=weight_key)
+    failures += [Failure(*refusal) for refusal in refused]
+    for reply in accepted:
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            failures.append(Failure(node, node_clients.get(node), f"client error: {reply.error.reason}"[:400]))
-            continue
         content = reply.content
-        metrics = next(iter(content.metric_records.values()), None) if content.metric_records else None
-        if len(content.array_records) != 1 or metrics is None:
-            failures.append(Failure(node, node_clients.get(node), "reply must carry one ArrayRecord and one MetricRecord"))
-            continue
-        client_id = metrics.get("client-id")
-        if isinstance(client_id, int) and not isinstance(client_id, bool):
-            node_clients[node] = client_id
-        bad_metrics = [
-            key
-            for key in ("reward-mean", "reward-std", "num-examples")
-            if not isinstance(metrics.get(key), (int, float)) or not np.isfinite(metrics[key])
-        ]
-        if not isinstance(client_id, int) or bad_metrics:
-            reason = f"missing or non-finite metrics {bad_metrics or ['client-id']}"
-            failures.append(Failure(node, node_clients.get(node), reason))
-            continue
-        if metrics["num-examples"] <= 0:
-            failures.append(Failure(node, client_id, f"reported num-examples = {metrics['num-examples']} (nothing trained)"))
-            continue
+        client_id = int(content["metrics"]["client-id"])
         arrays = _reply_arrays(reply)
         if compression is not None and compression.codec != "none":
             try:
@@ -361,7 +348,8 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
     learner = _shared_learner(dump_config(config))
-    node_clients: dict[int, int] = {}
+    node_clients: dict[int, int] = {}  # node id -> client id, bound on first sight (screening.bind_client)
+    weight_key = UNIT_WEIGHT_KEY if fed.dp.enabled else "num-examples"
     if state is None:
         random.seed(seed)  # Flower strategies sample nodes with the `random` module
         np.random.seed(seed)  # Flower's DP noise uses NumPy's global RNG
@@ -412,13 +400,16 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
         def evaluate_round(server_round: int) -> dict[str, float]:
             messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid)
             answered = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-            replies = [r for r in answered if not r.has_error()]
+            replies, refused = screen_round(answered, train=False, num_clients=fed.num_clients, bindings=node_clients)
+            errors = [Failure(*refusal) for refusal in refused]
             if server_round == 0 and not replies:
-                errors = [Failure(r.metadata.src_node_id, None, f"client error: {r.error.reason}") for r in answered]
                 raise FederationError(
                     f"round 0: no client could evaluate the starting model ({summarize_failures(errors) or 'no replies'}); "
                     f"nothing was kept in '{run_dir}': fix the cause and run the same command again"
                 )
+            for failure in errors:
+                known = {} if failure.client_id is None else {"client": failure.client_id}
+                writer.write("failure", round=server_round, node=failure.node_id, reason=f"evaluate: {failure.reason}", **known)
             for reply in replies:
                 m = reply.content["metrics"]
                 if "acc-heldout" in m:
@@ -443,7 +434,9 @@ def _run_rounds(grid: Grid, config: Config, directory: RunDirectory, state: Serv
             replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
             bytes_up = sum(_record_bytes(r) for r in replies if not r.has_error())  # as sent, before decoding
             aggregate_start = time.perf_counter()
-            ok, failures = screen_replies(messages, replies, current, node_clients, fed.compression)
+            ok, failures = screen_replies(
+                messages, replies, current, node_clients, fed.compression, num_clients=fed.num_clients, weight_key=weight_key
+            )
             ok, norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
             failures += rejected
             for failure in failures:
