@@ -301,7 +301,7 @@ def check_results(run_dir):
 runs = itertools.count()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data(), method=st.sampled_from(["fgrpo", "fedavg"]))
 def test_random_malformed_replies_never_break_a_run_or_its_numbers(tmp_path, data, method):
     plans = {kind: st.lists(mutation(kind), max_size=2) for kind in ("train", "evaluate")}
