@@ -402,7 +402,7 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+        raise DataError(f"{path}: not UTF-8 text ({exc})", public=f"{path}: not UTF-8 text (at byte {exc.start})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -442,11 +442,15 @@ def load_jsonl(
         prompt = record[prompt_key]
         if not isinstance(prompt, str) or not prompt.strip():
             got = "an empty string" if isinstance(prompt, str) else f"{type(prompt).__name__} {prompt!r}"
-            raise DataError(f"{where}: '{prompt_key}' must be a non-empty string, got {got}")
+            raise DataError(
+                f"{where}: '{prompt_key}' must be a non-empty string, got {got}",
+                public=f"{where}: '{prompt_key}' must be a non-empty string, got {type(prompt).__name__}",
+            )
         answer = _answer_from_value(record[answer_key], numeric)
         if answer is None:
             raise DataError(
-                f"{where}: '{answer_key}' must be a non-empty string or a number, got {record[answer_key]!r}"
+                f"{where}: '{answer_key}' must be a non-empty string or a number, got {record[answer_key]!r}",
+                public=f"{where}: '{answer_key}' must be a non-empty string or a number",
             )
         examples.append(Example(prompt, answer, family, reward_scale))
     if not examples:

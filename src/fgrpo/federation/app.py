@@ -2,8 +2,10 @@
 
 The run config carries the whole resolved fgrpo config as TOML text
 (`fgrpo-config`), so a SuperNode needs nothing from the server but the run;
-each node's own data comes from its node config (`partition-id` /
-`num-partitions`, or `data-path` for a private JSONL file).
+each node's own data and reward code come from its node config
+(`partition-id` / `num-partitions`, `data-path` or `data-config`; see
+`fgrpo.data.node_spec`): files and modules the run config names are read only
+where the node allows it.
 """
 
 from __future__ import annotations
@@ -54,7 +56,29 @@ def _config_from_text(text: str) -> Config:
 
 
 def config_from_context(context: Context) -> Config:
+    """The run config as the server sent it (the ServerApp's view)."""
     return _config_from_text(str(context.run_config[CONFIG_KEY]))
+
+
+def node_config_from_context(context: Context) -> Config:
+    """The run config as this node uses it (its own data and reward code, `data.node_spec`)."""
+    return _config_from_text(node_config_text(context))
+
+
+@lru_cache(maxsize=64)
+def _node_config_text(config_text: str, node_items: tuple) -> str:
+    """The run config as this node uses it: its [tasks] with the node's own data and reward code."""
+    from fgrpo.config import dump_config
+    from fgrpo.data.node_spec import node_spec, node_tasks
+
+    config = _config_from_text(config_text)
+    tasks = node_tasks(config.tasks, node_spec(dict(node_items)))
+    # Unchanged text when nothing changed, so in-process nodes share one learner with the server.
+    return config_text if tasks is config.tasks else dump_config(config.model_copy(update={"tasks": tasks}))
+
+
+def node_config_text(context: Context) -> str:
+    return _node_config_text(str(context.run_config[CONFIG_KEY]), tuple(sorted(context.node_config.items())))
 
 
 @lru_cache(maxsize=2)
@@ -65,12 +89,16 @@ def _shared_learner(config_text: str) -> GRPOLearner:
 
 
 def shared_learner(context: Context) -> GRPOLearner:
-    return _shared_learner(str(context.run_config[CONFIG_KEY]))
+    return _shared_learner(node_config_text(context))
 
 
 @lru_cache(maxsize=1024)
-def _client_data(config_text: str, partition_id: int, num_partitions: int, data_path: str) -> ClientData:
+def _client_data(config_text: str, partition_id: int, num_partitions: int, data_path: str, own_data: bool = False) -> ClientData:
     config = _config_from_text(config_text)
+    if own_data and not data_path:  # the node's data-config: all of its examples are this client's
+        from fgrpo.core.pipeline import build_task_pool
+
+        return ClientData(partition_id, *build_task_pool(config.tasks))
     if data_path:
         if not Path(data_path).is_file():
             from fgrpo.errors import DataError
@@ -105,13 +133,22 @@ def file_client_data(config: Config, partition_id: int, data_path: str) -> Clien
 
 
 def node_data(context: Context) -> ClientData:
+    """This node's examples, from the data it owns (`data.node_spec`); errors that leave it quote no data."""
+    from fgrpo.data.node_spec import public_message
+    from fgrpo.errors import DataError
+
     node = context.node_config
-    return _client_data(
-        str(context.run_config[CONFIG_KEY]),
-        int(node.get("partition-id", 0)),
-        int(node.get("num-partitions", 1)),
-        str(node.get("data-path", "")),
-    )
+    text = node_config_text(context)
+    try:
+        return _client_data(
+            text,
+            int(node.get("partition-id", 0)),
+            int(node.get("num-partitions", 1)),
+            str(node.get("data-path", "")),
+            bool(node.get("data-config", "")),
+        )
+    except Exception as error:  # noqa: BLE001 - whatever the reader raised, only its public form travels
+        raise DataError(public_message(error)) from None
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -175,7 +212,7 @@ client_app = ClientApp(mods=[dp_clipping_mod])
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
     """Local GRPO round. Replies with θ_k and aggregate statistics only."""
-    config = config_from_context(context)
+    config = node_config_from_context(context)
     learner = shared_learner(context)
     data = node_data(context)
     round_config = msg.content["config"]
@@ -206,7 +243,7 @@ def client_train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
     """Greedy accuracy of the received (or, local-only, the client's own) weights on the client's held-out split."""
-    config = config_from_context(context)
+    config = node_config_from_context(context)
     learner = shared_learner(context)
     data = node_data(context)
     arrays = record_to_arrays(msg.content["arrays"])
