@@ -137,7 +137,8 @@ def server_code(tasks: TasksConfig) -> list[str]:
 def node_tasks(tasks: TasksConfig, spec: NodeSpec) -> TasksConfig:
     """The [tasks] this node uses: the run's settings, with the node's own data and reward code.
 
-    A node with its own data never reads the run's files. Without its own
+    A node with its own data never reads the run's files (nor trains on its
+    families: see `federation.app._client_data`). Without its own
     data, files named by the run config are read only with allow-server-data;
     'module:function' rewards of the run config are imported only with
     allow-server-code (or replaced by the node's own `[[rewards]]`).
@@ -145,7 +146,7 @@ def node_tasks(tasks: TasksConfig, spec: NodeSpec) -> TasksConfig:
     update: dict = {}
     if spec.owns_data:
         own = spec.data or NodeDataConfig()
-        update.update(families=[], files=own.files, sources=own.sources)
+        update.update(files=own.files, sources=own.sources)  # families stay: the tiny model's warm start uses them
     elif server_paths(tasks) and not spec.allow_server_data:
         raise ConfigError(
             f"this node does not read files the server names ({', '.join(server_paths(tasks)[:3])}): give the node "

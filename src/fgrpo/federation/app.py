@@ -98,7 +98,7 @@ def _client_data(config_text: str, partition_id: int, num_partitions: int, data_
     if own_data and not data_path:  # the node's data-config: all of its examples are this client's
         from fgrpo.core.pipeline import build_task_pool
 
-        return ClientData(partition_id, *build_task_pool(config.tasks))
+        return ClientData(partition_id, *build_task_pool(config.tasks.model_copy(update={"families": []})))
     if data_path:
         if not Path(data_path).is_file():
             from fgrpo.errors import DataError
@@ -135,7 +135,7 @@ def file_client_data(config: Config, partition_id: int, data_path: str) -> Clien
 def node_data(context: Context) -> ClientData:
     """This node's examples, from the data it owns (`data.node_spec`); errors that leave it quote no data."""
     from fgrpo.data.node_spec import public_message
-    from fgrpo.errors import DataError
+    from fgrpo.errors import DataError, FgrpoError
 
     node = context.node_config
     text = node_config_text(context)
@@ -147,7 +147,11 @@ def node_data(context: Context) -> ClientData:
             str(node.get("data-path", "")),
             bool(node.get("data-config", "")),
         )
-    except Exception as error:  # noqa: BLE001 - whatever the reader raised, only its public form travels
+    except DataError as error:
+        raise DataError(public_message(error)) from None
+    except FgrpoError:
+        raise  # names keys and files, never data
+    except Exception as error:  # noqa: BLE001 - whatever else the reader raised, only its type travels
         raise DataError(public_message(error)) from None
 
 
