@@ -105,3 +105,20 @@ def test_existing_results_dir_is_refused(tmp_path, small_config):
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="already exists.*--overwrite"):
         prepare_run_dir(tmp_path / "run")
+
+
+def test_nan_probabilities_while_sampling_name_the_step_and_the_cause(small_config):
+    import torch
+
+    from fgrpo.core.model import trainable_parameters
+    from fgrpo.errors import TrainingError
+
+    train, _ = build_task_pool(small_config.tasks)
+    model, tokenizer = load_policy(small_config.model, small_config.tasks, seed=0)
+    learner = GRPOLearner(model, tokenizer, small_config.grpo, build_reward(small_config.tasks))
+    learner.step(train[:2])
+    with torch.no_grad():  # what a diverged update leaves behind
+        for parameter in trainable_parameters(model).values():
+            parameter.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"sampling at GRPO step 2: .*NaN or Inf.*grpo.learning_rate = "):
+        learner.step(train[:2])

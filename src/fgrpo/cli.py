@@ -23,13 +23,15 @@ console = Console(stderr=True)
 
 def friendly_errors(command):
     """Print fgrpo's own errors as one clear message (no traceback) and exit 2."""
+    from rich.markup import escape
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except FgrpoError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped
+            # one line, never wrapped; escaped, so a key like [[tasks.files]] is printed, not read as markup
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -34,5 +34,9 @@ class ModelError(FgrpoError):
     """A model folder or hub id cannot be loaded, or LoRA targets do not fit it."""
 
 
+class TrainingError(FgrpoError):
+    """Training diverged (NaN/Inf weights or probabilities), naming the step and the likely cause."""
+
+
 class FederationError(FgrpoError):
     """A federated round could not complete (too few clients succeeded, ...)."""

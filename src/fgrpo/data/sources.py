@@ -128,8 +128,13 @@ def load_source(source: SourceConfig) -> list[Example]:
             )
         family = str(row[source.family_column]) if source.family_column else source.name
         answer = reference_answer(row[answer_column], fmt, answer_is_numeric(family))
+        if fmt == "gsm8k" and isinstance(row[answer_column], str) and "####" not in row[answer_column]:
+            answer = None  # a worked solution with no final answer: the whole text would become the reference
         if answer is None:
-            expected = "a \\boxed{...} answer" if fmt == "math" else "a number, a string or a solution ending '#### n'"
+            expected = {
+                "math": "a \\boxed{...} answer",
+                "gsm8k": "a worked solution ending '#### n', or a number",
+            }.get(fmt, "a number, a string or a solution ending '#### n'")
             raise DataError(
                 f"{where}: '{answer_column}' has no final answer (expected {expected}): {row[answer_column]!r}",
                 public=f"{where}: '{answer_column}' has no final answer (expected {expected})",

@@ -435,6 +435,7 @@ def load_jsonl(
         raise DataError(f"{path}: not a file")
     numeric = answer_is_numeric(family)
     examples = []
+    any_marked, unmarked_at = False, None
     for where, record in jsonl_records(path):
         for key in (prompt_key, answer_key):
             if key not in record:
@@ -451,6 +452,16 @@ def load_jsonl(
             raise DataError(
                 f"{where}: '{answer_key}' must be a non-empty string or a number, got {record[answer_key]!r}",
                 public=f"{where}: '{answer_key}' must be a non-empty string or a number",
+            )
+        marked = isinstance(record[answer_key], str) and "####" in record[answer_key]
+        if unmarked_at is None and not marked:
+            unmarked_at = where
+        any_marked = any_marked or marked
+        if any_marked and unmarked_at is not None:
+            # GSM8K-style answers end in '#### n'; without it the whole solution would be the reference.
+            raise DataError(
+                f"{unmarked_at}: '{answer_key}' has no final answer '#### n', but other lines of {path.name} end "
+                "their solutions that way; add the '#### n' line (or remove the example)"
             )
         examples.append(Example(prompt, answer, family, reward_scale))
     if not examples:

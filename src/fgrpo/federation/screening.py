@@ -20,6 +20,7 @@ functions that return the reason a reply is refused (None when it is fine):
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -176,6 +177,15 @@ class Refusal(NamedTuple):
     reason: str
 
 
+_FLOWER_REASON = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", re.DOTALL)
+
+
+def error_reason(reason: str) -> str:
+    """A ClientApp exception as Flower reports it ("<class 'pkg.Error'>:<'text'>") made readable: "Error: text"."""
+    match = _FLOWER_REASON.fullmatch(reason.strip())
+    return f"{match.group(1)}: {match.group(2)}" if match else reason
+
+
 def screen_round(
     replies: list[Message], *, train: bool, num_clients: int, bindings: dict[int, int], weight_key: str = NUM_EXAMPLES
 ) -> tuple[list[Message], list[Refusal]]:
@@ -190,7 +200,7 @@ def screen_round(
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            refused.append(Refusal(node, bindings.get(node), f"client error: {reply.error.reason}"[:400]))
+            refused.append(Refusal(node, bindings.get(node), f"client error: {error_reason(reply.error.reason)}"[:400]))
             continue
         problem = check_records(reply.content, train=train)
         if problem is None:
