@@ -108,3 +108,15 @@ def test_a_malformed_source_file_is_reduced_to_its_kind(tmp_path):
     with pytest.raises(DataError) as info:
         node_data(node_context(config, **{"allow-server-data": True}))
     assert SECRET not in str(info.value) and "data.csv" in str(info.value)
+
+
+def test_flower_commands_say_that_nodes_refuse_server_named_files(tmp_path):
+    from typer.testing import CliRunner
+
+    from fgrpo.cli import app
+
+    path = write_jsonl(tmp_path / "private.jsonl", [{"prompt": "1+1=", "answer": "2"}] * 5)
+    (tmp_path / "c.toml").write_text(f'[[tasks.files]]\npath = "{path}"\n[federation]\nnum_clients = 2\n')
+    result = CliRunner().invoke(app, ["flower", "commands", str(tmp_path / "c.toml")])
+    assert result.exit_code == 0, result.output
+    assert "the config names tasks.files[0].path: SuperNodes refuse server-chosen files and code" in result.output
