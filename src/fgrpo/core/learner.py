@@ -66,6 +66,7 @@ class GRPOLearner:
         self.share_prompts = grpo.share_prompt_prefix and not checkpointing
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps_taken = 0  # GRPO steps of this learner, for error messages
+        self.step_context = ""  # what the steps count in, e.g. " of this local round"
         self.reset_optimizer()
 
     def reset_optimizer(self) -> None:
@@ -93,7 +94,7 @@ class GRPOLearner:
             if "probability tensor contains" not in str(error):  # torch.multinomial on NaN/Inf probabilities
                 raise
             raise TrainingError(
-                f"sampling at GRPO step {self.steps_taken + 1}: the policy's next-token probabilities are NaN or Inf, "
+                f"sampling at GRPO step {self.steps_taken + 1}{self.step_context}: the policy's next-token probabilities are NaN or Inf, "
                 f"so its weights diverged; likely cause: grpo.learning_rate = {self.config.learning_rate:g} too high, "
                 "or rewards too large for it (tasks.*.reward_scale, reward weights, grpo.scale_rewards = 'none'). "
                 "Lower them and run again"

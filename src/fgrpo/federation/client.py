@@ -113,6 +113,7 @@ def local_round(
     model = learner.model
     set_trainable_arrays(model, start_arrays)
     learner.reset_optimizer()
+    learner.steps_taken, learner.step_context = 0, " of this local round"  # one learner serves every in-process client
     proximal = None
     if proximal_mu > 0:
         anchor = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
