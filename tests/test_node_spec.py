@@ -120,3 +120,13 @@ def test_flower_commands_say_that_nodes_refuse_server_named_files(tmp_path):
     result = CliRunner().invoke(app, ["flower", "commands", str(tmp_path / "c.toml")])
     assert result.exit_code == 0, result.output
     assert "the config names tasks.files[0].path: SuperNodes refuse server-chosen files and code" in result.output
+
+
+def test_a_data_config_with_only_rewards_keeps_the_runs_partition(tmp_path):
+    from conftest import small_config_dict
+
+    (tmp_path / "owner.toml").write_text('[[rewards]]\nname = "partial_credit"\n')
+    config = config_from_dict(small_config_dict(tmp_path))
+    context = node_context(config, **{"data-config": str(tmp_path / "owner.toml")})
+    assert {ex.family for ex in node_data(context).train} == {"add", "sort"}  # the built-in families, partitioned
+    assert [r.name for r in node_config_from_context(context).tasks.rewards] == ["partial_credit"]

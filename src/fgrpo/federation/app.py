@@ -134,18 +134,19 @@ def file_client_data(config: Config, partition_id: int, data_path: str) -> Clien
 
 def node_data(context: Context) -> ClientData:
     """This node's examples, from the data it owns (`data.node_spec`); errors that leave it quote no data."""
-    from fgrpo.data.node_spec import public_message
+    from fgrpo.data.node_spec import node_spec, public_message
     from fgrpo.errors import DataError, FgrpoError
 
     node = context.node_config
     text = node_config_text(context)
+    own_data = node_spec(node).owns_data  # a data-config may bring only reward code
     try:
         return _client_data(
             text,
             int(node.get("partition-id", 0)),
             int(node.get("num-partitions", 1)),
             str(node.get("data-path", "")),
-            bool(node.get("data-config", "")),
+            own_data,
         )
     except DataError as error:
         raise DataError(public_message(error)) from None
