@@ -133,3 +133,12 @@ def test_values_that_used_to_fail_deep_inside_a_library_are_refused_by_key(data,
 
 def test_fgrpo_temperature_may_still_be_infinite():
     assert config_from_dict({"federation": {"fgrpo": {"temperature": "inf"}}}).federation.fgrpo.temperature == float("inf")
+
+
+def test_no_families_on_the_tiny_model_is_refused_before_its_warm_start(tmp_path):
+    files = {"files": [{"path": str(tmp_path / "data.jsonl")}]}
+    with pytest.raises(ConfigError, match=r"tasks.families = \[\] but model.source = 'tiny' warm-starts on the built-in families"):
+        config_from_dict({"tasks": {"families": [], **files}})
+    # no warm start, or a real model: no families needed
+    assert config_from_dict({"tasks": {"families": [], **files}, "model": {"warm_start": {"steps": 0}}}).tasks.families == []
+    assert config_from_dict({"tasks": {"families": [], **files}, "model": {"source": "gpt2"}}).model.source == "gpt2"

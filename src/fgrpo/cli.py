@@ -24,13 +24,15 @@ console = Console(stderr=True)
 
 def friendly_errors(command):
     """Print fgrpo's own errors as one clear message (no traceback) and exit 2."""
+    from rich.markup import escape
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except FgrpoError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped
+            # one line, never wrapped; escaped, so a key like [[tasks.files]] is printed, not read as markup
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -281,6 +283,12 @@ def flower_commands(
         for i in range(n):
             print(line(deploy.register_command(auth / f"supernode{i}.pub")))
     print("\n# 3. one SuperNode per data owner, each on its own machine, pointing at its own data")
+    from fgrpo.data.node_spec import server_code, server_paths
+
+    named = server_paths(cfg.tasks) + server_code(cfg.tasks)
+    if named:  # a SuperNode refuses them unless its node config allows it (docs/deployment.md)
+        print(f"#    the config names {', '.join(named[:3])}: SuperNodes refuse server-chosen files and code; give each "
+              "node its own data-path / data-config, or add allow-server-data=true / allow-server-code=true")
     for i in range(n):
         node = {"partition-id": i, "num-partitions": n}
         if data:

@@ -14,7 +14,16 @@ class ConfigError(FgrpoError):
 
 
 class DataError(FgrpoError):
-    """A dataset file or example is malformed, empty or missing a column."""
+    """A dataset file or example is malformed, empty or missing a column.
+
+    `public` is the message without any value from the data (a cell, a line):
+    what may leave the node that holds the file. It defaults to the message,
+    so a message that quotes data must pass its value-free form.
+    """
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = message if public is None else public
 
 
 class RewardError(FgrpoError):
@@ -23,6 +32,10 @@ class RewardError(FgrpoError):
 
 class ModelError(FgrpoError):
     """A model folder or hub id cannot be loaded, or LoRA targets do not fit it."""
+
+
+class TrainingError(FgrpoError):
+    """Training diverged (NaN/Inf weights or probabilities), naming the step and the likely cause."""
 
 
 class FederationError(FgrpoError):

@@ -79,3 +79,14 @@ def test_set_arrays_rejects_wrong_names_and_shapes():
 def test_bad_lora_targets_are_a_clear_error():
     with pytest.raises(ModelError, match="target_modules.*q_proj"):
         add_lora(build_tiny_model()[0], 4, 8, 0.0, ["attn.c_attn"])
+
+
+def test_merge_names_a_corrupt_adapter_config(tmp_path):
+    from fgrpo.core.model import merge_adapter
+
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "tiny",\n')
+    with pytest.raises(ModelError, match=r"adapter_config.json: not valid JSON \(.* at line 2, column 1\)"):
+        merge_adapter(tmp_path, tmp_path / "out")
+    (tmp_path / "adapter_config.json").write_text('["a list"]')
+    with pytest.raises(ModelError, match="adapter_config.json: expected a JSON object, got list"):
+        merge_adapter(tmp_path, tmp_path / "out", base="tiny")

@@ -172,3 +172,20 @@ def test_local_round_reports_noise_statistics_and_the_in_round_probe_leaves_trai
     batches = [rng.sample(data.train, 3) for _ in range(2)]
     probe = in_round_probe(data.train, batches, 3, 5)
     assert not {id(ex) for ex in probe} & {id(ex) for batch in batches for ex in batch}
+
+
+def test_nan_probabilities_while_sampling_name_the_step_and_the_cause(small_config):
+    import torch
+
+    from fgrpo.core.model import trainable_parameters
+    from fgrpo.errors import TrainingError
+
+    train, _ = build_task_pool(small_config.tasks)
+    model, tokenizer = load_policy(small_config.model, small_config.tasks, seed=0)
+    learner = GRPOLearner(model, tokenizer, small_config.grpo, build_reward(small_config.tasks))
+    learner.step(train[:2])
+    with torch.no_grad():  # what a diverged update leaves behind
+        for parameter in trainable_parameters(model).values():
+            parameter.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"sampling at GRPO step 2: .*NaN or Inf.*grpo.learning_rate = "):
+        learner.step(train[:2])

@@ -210,7 +210,7 @@ def test_quantity_skew_keeps_the_label_mix_roughly_iid():
         (lambda: partition(LABELS, "iid", 0, 0), ConfigError, r"num_clients must be an integer >= 1, got 0"),
         (lambda: partition(LABELS, "iid", 2.5, 0), ConfigError, r"num_clients"),
         (lambda: partition(LABELS, "iid", True, 0), ConfigError, r"num_clients"),
-        (lambda: partition(LABELS, "iid", 161, 0), ConfigError, r"num_clients=161 .*160 examples.*allowed: 1\.\.160"),
+        (lambda: partition(LABELS, "iid", 161, 0), ConfigError, r"federation.num_clients = 161 .*160 examples.*allowed: 1\.\.160"),
         (lambda: partition(LABELS, "iid", 4, -1), ConfigError, r"seed"),
         (lambda: partition(LABELS, "iid", 4, 0, alhpa=0.5), ConfigError, r"'alhpa'.*'iid'"),
         (lambda: partition(LABELS, "dirichlet", 4, 0, alhpa=0.5), ConfigError, r"'alhpa'.*alpha, min_partition_size"),
@@ -223,7 +223,7 @@ def test_quantity_skew_keeps_the_label_mix_roughly_iid():
             ConfigError,
             r"min_partition_size.*0\.\.40",
         ),
-        (lambda: dirichlet(LABELS, 60, 0.05, 0), ConfigError, r"alpha=0\.05.*min_partition_size=1"),
+        (lambda: dirichlet(LABELS, 60, 0.05, 0), ConfigError, r"alpha=0\.05.*raise federation\.partition\.alpha, lower federation\.num_clients"),
         (
             lambda: partition(LABELS, "quantity_skew", 4, 0, kind="cubic"),
             ConfigError,

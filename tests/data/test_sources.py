@@ -146,3 +146,15 @@ def test_partition_labels_of_builtin_families():
 
     examples = generate_examples("add", 3, seed=0)
     assert partition_labels(examples, "family") == partition_labels(examples, "source") == ["add"] * 3
+
+
+def test_a_gsm8k_solution_without_its_final_answer_is_refused_with_its_line(tmp_path):
+    rows = [{"question": "2+2?", "answer": "Two and two. #### 4"}, {"question": "3+3?", "answer": "Three and three make six."}]
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"gsm8k.jsonl line 2: 'answer' has no final answer \(expected a worked solution ending '#### n'"):
+        load_source(SourceConfig(name="gsm8k", path=str(path)))
+    from fgrpo.data.tasks import load_jsonl
+
+    with pytest.raises(DataError, match=r"gsm8k.jsonl line 2: 'answer' has no final answer '#### n', but other lines"):
+        load_jsonl(path, prompt_key="question")

@@ -182,3 +182,28 @@ def test_unknown_node_and_bad_pushes():
 def test_node_config_values_must_be_flower_scalars():
     with pytest.raises(ConfigError, match="bool, int, float or str"):
         InProcessGrid(make_app(), [{"partition-id": 0, "paths": ["a", "b"]}])
+
+
+def test_an_error_inside_every_client_reaches_the_user_once(tmp_path, caplog):
+    import logging
+
+    from conftest import small_config_dict
+
+    from fgrpo.config import config_from_dict, dump_config
+    from fgrpo.deploy.runtime import node_configs
+    from fgrpo.federation.wire import CONFIG_KEY
+    from fgrpo.federation.server import run_federation
+
+    config = config_from_dict({**small_config_dict(tmp_path), "federation": {"num_clients": 6, "min_train_clients": 1}})
+    app = ClientApp()
+
+    @app.query()  # the init query: where a real node first reads its data and loads its model
+    def broken(msg: Message, context: Context) -> Message:
+        raise ValueError("data.jsonl line 3: invalid JSON")
+
+    grid = InProcessGrid(app, node_configs(config), run_config={CONFIG_KEY: dump_config(config)})
+    with caplog.at_level(logging.INFO), pytest.raises(FederationError) as info:
+        run_federation(grid, config, tmp_path / "run", progress=False)
+    assert str(info.value).count("data.jsonl line 3") == 1 and "6 nodes" in str(info.value)
+    assert "ValueError: data.jsonl line 3: invalid JSON" in str(info.value)  # not Flower's "<class '...'>:<'...'>"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING and "data.jsonl" in r.getMessage()] == []

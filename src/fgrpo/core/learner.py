@@ -23,6 +23,7 @@ from fgrpo.core.model import trainable_parameters
 from fgrpo.data.rewards import WeightedReward, compute_rewards
 from fgrpo.core.rollout import Rollouts, completion_log_probs, generate
 from fgrpo.data.tasks import Example
+from fgrpo.errors import TrainingError
 
 
 @dataclass
@@ -64,6 +65,8 @@ class GRPOLearner:
         checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         self.share_prompts = grpo.share_prompt_prefix and not checkpointing
         self.optimizer: torch.optim.Optimizer | None = None
+        self.steps_taken = 0  # GRPO steps of this learner, for error messages
+        self.step_context = ""  # what the steps count in, e.g. " of this local round"
         self.reset_optimizer()
 
     def reset_optimizer(self) -> None:
@@ -104,6 +107,19 @@ class GRPOLearner:
         greedy: bool = False,
     ) -> Rollouts:
         """Render task prompts (chat template) and roll them out with the configured backend."""
+        try:
+            return self._generate(prompts, num_generations, max_completion_length, temperature, top_p, greedy)
+        except RuntimeError as error:
+            if "probability tensor contains" not in str(error):  # torch.multinomial on NaN/Inf probabilities
+                raise
+            raise TrainingError(
+                f"sampling at GRPO step {self.steps_taken + 1}{self.step_context}: the policy's next-token probabilities are NaN or Inf, "
+                f"so its weights diverged; likely cause: grpo.learning_rate = {self.config.learning_rate:g} too high, "
+                "or rewards too large for it (tasks.*.reward_scale, reward weights, grpo.scale_rewards = 'none'). "
+                "Lower them and run again"
+            ) from None
+
+    def _generate(self, prompts, num_generations, max_completion_length, temperature, top_p, greedy) -> Rollouts:
         return self.generate_fn(
             self.model,
             self.tokenizer,
@@ -210,6 +226,7 @@ class GRPOLearner:
         families = np.array([ex.family for ex in grouped_examples])
         for family in sorted(set(families)):
             metrics[f"train/reward/{family}"] = float(scored.rewards[families == family].mean())
+        self.steps_taken += 1
         return metrics
 
 

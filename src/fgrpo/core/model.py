@@ -312,8 +312,19 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise ModelError(f"'{adapter_dir}' has no adapter_config.json: is it the adapter/ folder of a run?")
+    try:
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"{config_path}: not UTF-8 text; expected the JSON file peft writes (save the adapter again)") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(
+            f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+            "expected the JSON file peft writes (save the adapter again)"
+        ) from None
+    if not isinstance(adapter_config, dict):
+        raise ModelError(f"{config_path}: expected a JSON object, got {type(adapter_config).__name__}")
     if base is None:
-        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        base = adapter_config.get("base_model_name_or_path")
         if not base:
             raise ModelError(f"{config_path} names no base model; pass the base model's folder or hub id")
     model, tokenizer = load_model_and_tokenizer(base, dtype, "cpu")

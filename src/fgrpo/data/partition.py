@@ -70,8 +70,8 @@ def _check_common(labels: Sequence[str], num_clients: Any, seed: Any) -> list[st
         raise ConfigError(f"num_clients must be an integer >= 1, got {num_clients!r}")
     if num_clients > len(labels):
         raise ConfigError(
-            f"num_clients={num_clients} is more than the {len(labels)} examples in the pool; "
-            f"allowed: 1..{len(labels)}"
+            f"federation.num_clients = {num_clients} is more than the {len(labels)} examples in the pool; "
+            f"allowed: 1..{len(labels)}, or add examples (tasks.train_per_family / tasks.test_per_family, data files)"
         )
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
@@ -221,8 +221,9 @@ def dirichlet(
     except ValueError as exc:
         raise ConfigError(
             f"dirichlet: no split with alpha={alpha} gave all {num_clients} clients at least "
-            f"min_partition_size={min_partition_size} examples in 11 draws ({len(set(labels))} "
-            "families); raise alpha, lower num_clients or min_partition_size (0 allows empty clients)"
+            f"{min_partition_size} example(s) in 11 draws ({len(labels)} examples, {len(set(labels))} "
+            "families); raise federation.partition.alpha, lower federation.num_clients, or add examples "
+            "(tasks.train_per_family / tasks.test_per_family, or more data files)"
         ) from exc
 
 

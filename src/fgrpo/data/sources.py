@@ -55,7 +55,10 @@ def _dataset_rows(path: Path, kind: str) -> Iterator[tuple[str, dict]]:
     try:
         dataset = readers[kind](str(path), keep_in_memory=True)
     except Exception as exc:  # pyarrow / datasets raise many types; the user needs the file named
-        raise DataError(f"{path}: cannot read as {kind}: {type(exc).__name__}: {exc}") from None
+        raise DataError(
+            f"{path}: cannot read as {kind}: {type(exc).__name__}: {exc}",
+            public=f"{path}: cannot read as {kind} ({type(exc).__name__})",
+        ) from None
     for number, record in enumerate(dataset, start=1):
         yield f"{path} row {number}", record
 
@@ -120,12 +123,23 @@ def load_source(source: SourceConfig) -> list[Example]:
                 )
         prompt = row[prompt_column]
         if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{where}: '{prompt_column}' must be a non-empty string, got {prompt!r}")
+            raise DataError(
+                f"{where}: '{prompt_column}' must be a non-empty string, got {prompt!r}",
+                public=f"{where}: '{prompt_column}' must be a non-empty string, got {type(prompt).__name__}",
+            )
         family = str(row[source.family_column]) if source.family_column else source.name
         answer = reference_answer(row[answer_column], fmt, answer_is_numeric(family))
+        if fmt == "gsm8k" and isinstance(row[answer_column], str) and "####" not in row[answer_column]:
+            answer = None  # a worked solution with no final answer: the whole text would become the reference
         if answer is None:
-            expected = "a \\boxed{...} answer" if fmt == "math" else "a number, a string or a solution ending '#### n'"
-            raise DataError(f"{where}: '{answer_column}' has no final answer (expected {expected}): {row[answer_column]!r}")
+            expected = {
+                "math": "a \\boxed{...} answer",
+                "gsm8k": "a worked solution ending '#### n', or a number",
+            }.get(fmt, "a number, a string or a solution ending '#### n'")
+            raise DataError(
+                f"{where}: '{answer_column}' has no final answer (expected {expected}): {row[answer_column]!r}",
+                public=f"{where}: '{answer_column}' has no final answer (expected {expected})",
+            )
         checker = source.verifier if source.verifier != "auto" else ("math" if fmt == "math" else "exact")
         meta = {k: v for k, v in row.items() if k not in (prompt_column, answer_column) and _scalar(v)}
         meta["source"] = source.name

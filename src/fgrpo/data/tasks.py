@@ -351,7 +351,7 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+        raise DataError(f"{path}: not UTF-8 text ({exc})", public=f"{path}: not UTF-8 text (at byte {exc.start})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -384,6 +384,7 @@ def load_jsonl(
         raise DataError(f"{path}: not a file")
     numeric = answer_is_numeric(family)
     examples = []
+    any_marked, unmarked_at = False, None
     for where, record in jsonl_records(path):
         for key in (prompt_key, answer_key):
             if key not in record:
@@ -391,11 +392,25 @@ def load_jsonl(
         prompt = record[prompt_key]
         if not isinstance(prompt, str) or not prompt.strip():
             got = "an empty string" if isinstance(prompt, str) else f"{type(prompt).__name__} {prompt!r}"
-            raise DataError(f"{where}: '{prompt_key}' must be a non-empty string, got {got}")
+            raise DataError(
+                f"{where}: '{prompt_key}' must be a non-empty string, got {got}",
+                public=f"{where}: '{prompt_key}' must be a non-empty string, got {type(prompt).__name__}",
+            )
         answer = answer_from_value(record[answer_key], numeric)
         if answer is None:
             raise DataError(
-                f"{where}: '{answer_key}' must be a non-empty string or a number, got {record[answer_key]!r}"
+                f"{where}: '{answer_key}' must be a non-empty string or a number, got {record[answer_key]!r}",
+                public=f"{where}: '{answer_key}' must be a non-empty string or a number",
+            )
+        marked = isinstance(record[answer_key], str) and "####" in record[answer_key]
+        if unmarked_at is None and not marked:
+            unmarked_at = where
+        any_marked = any_marked or marked
+        if any_marked and unmarked_at is not None:
+            # GSM8K-style answers end in '#### n'; without it the whole solution would be the reference.
+            raise DataError(
+                f"{unmarked_at}: '{answer_key}' has no final answer '#### n', but other lines of {path.name} end "
+                "their solutions that way; add the '#### n' line (or remove the example)"
             )
         examples.append(Example(prompt, answer, family, reward_scale))
     if not examples:

@@ -15,11 +15,17 @@ from fgrpo.reporting.results import run_directory
 
 
 def node_configs(config: Config) -> list[dict]:
-    """One node per client (a single node holding the pooled data for centralized)."""
+    """One node per client (a single node holding the pooled data for centralized).
+
+    These nodes run on the user's own machine with the user's own config, so
+    they read the files and import the reward code it names (a real
+    SuperNode does only when its own --node-config says so).
+    """
+    own = {"allow-server-data": True, "allow-server-code": True}
     if config.federation.method == "centralized":
-        return [{"partition-id": 0, "num-partitions": 1}]
+        return [{"partition-id": 0, "num-partitions": 1, **own}]
     n = config.federation.num_clients
-    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    return [{"partition-id": i, "num-partitions": n, **own} for i in range(n)]
 
 
 def quiet_flower_logs() -> None:

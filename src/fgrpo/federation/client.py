@@ -141,6 +141,7 @@ def local_round(
     model = learner.model
     set_trainable_arrays(model, start_arrays)
     learner.reset_optimizer()
+    learner.steps_taken, learner.step_context = 0, " of this local round"  # one learner serves every in-process client
     if optimizer_state is not None:
         learner.load_optimizer_state_arrays(optimizer_state)
     proximal = None

@@ -2,9 +2,11 @@
 
 The run config carries the whole resolved fgrpo config as TOML text
 (`fgrpo-config`), so a SuperNode needs nothing from the server but the run;
-each node's own data comes from its node config (`partition-id` /
-`num-partitions`, or `data-path` for a private JSONL file). What goes over the
-wire is `fgrpo.federation.wire`'s contract.
+each node's own data and reward code come from its node config
+(`partition-id` / `num-partitions`, `data-path` or `data-config`; see
+`fgrpo.data.node_spec`): files and modules the run config names are read only
+where the node allows it. What goes over the wire is
+`fgrpo.federation.wire`'s contract.
 """
 
 from __future__ import annotations
@@ -25,6 +27,27 @@ from fgrpo.federation.client import ClientData, all_client_data, evaluate_arrays
 from fgrpo.federation.export import layout_to_text as export_layout_text
 from fgrpo.federation.wire import arrays_to_record, config_from_context, config_from_text, record_to_arrays
 
+def node_config_from_context(context: Context) -> Config:
+    """The run config as this node uses it (its own data and reward code, `data.node_spec`)."""
+    return config_from_text(node_config_text(context))
+
+
+@lru_cache(maxsize=64)
+def _node_config_text(config_text: str, node_items: tuple) -> str:
+    """The run config as this node uses it: its [tasks] with the node's own data and reward code."""
+    from fgrpo.config import dump_config
+    from fgrpo.data.node_spec import node_spec, node_tasks
+
+    config = config_from_text(config_text)
+    tasks = node_tasks(config.tasks, node_spec(dict(node_items)))
+    # Unchanged text when nothing changed, so in-process nodes share one learner.
+    return config_text if tasks is config.tasks else dump_config(config.model_copy(update={"tasks": tasks}))
+
+
+def node_config_text(context: Context) -> str:
+    return _node_config_text(wire.config_text(context), tuple(sorted(context.node_config.items())))
+
+
 @lru_cache(maxsize=2)
 def _shared_learner(config_text: str) -> GRPOLearner:
     """One policy per process: in-process clients share it and swap adapters in and out."""
@@ -33,12 +56,17 @@ def _shared_learner(config_text: str) -> GRPOLearner:
 
 
 def shared_learner(context: Context) -> GRPOLearner:
-    return _shared_learner(wire.config_text(context))
+    return _shared_learner(node_config_text(context))
 
 
 @lru_cache(maxsize=1024)
-def _client_data(config_text: str, partition_id: int, num_partitions: int, data_path: str) -> ClientData:
+def _client_data(config_text: str, partition_id: int, num_partitions: int, data_path: str, own_data: bool = False) -> ClientData:
     config = config_from_text(config_text)
+    if own_data and not data_path:  # the node's data-config: all of its examples are this client's
+        from fgrpo.core.pipeline import build_task_splits
+
+        splits = build_task_splits(config.tasks.model_copy(update={"families": []}))
+        return ClientData(partition_id, splits.train, splits.test, splits.validation)
     if data_path:
         if not Path(data_path).is_file():
             from fgrpo.errors import DataError
@@ -88,13 +116,27 @@ def global_heldout(context: Context, split: str) -> list | None:
 
 
 def node_data(context: Context) -> ClientData:
+    """This node's examples, from the data it owns (`data.node_spec`); errors that leave it quote no data."""
+    from fgrpo.data.node_spec import node_spec, public_message
+    from fgrpo.errors import DataError, FgrpoError
+
     node = context.node_config
-    return _client_data(
-        wire.config_text(context),
-        int(node.get("partition-id", 0)),
-        int(node.get("num-partitions", 1)),
-        str(node.get("data-path", "")),
-    )
+    text = node_config_text(context)
+    own_data = node_spec(node).owns_data  # a data-config may bring only reward code
+    try:
+        return _client_data(
+            text,
+            int(node.get("partition-id", 0)),
+            int(node.get("num-partitions", 1)),
+            str(node.get("data-path", "")),
+            own_data,
+        )
+    except DataError as error:
+        raise DataError(public_message(error)) from None
+    except FgrpoError:
+        raise  # names keys and files, never data
+    except Exception as error:  # noqa: BLE001 - whatever else the reader raised, only its type travels
+        raise DataError(public_message(error)) from None
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -158,7 +200,7 @@ client_app = ClientApp(mods=[dp_clipping_mod])
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
     """Local GRPO round. Replies with θ_k and aggregate statistics only."""
-    config = config_from_context(context)
+    config = node_config_from_context(context)
     learner = shared_learner(context)
     data = node_data(context)
     round_config = msg.content[wire.CONFIG]
@@ -195,7 +237,7 @@ def client_train(msg: Message, context: Context) -> Message:
 def client_evaluate(msg: Message, context: Context) -> Message:
     """Greedy accuracy of the received (or, local-only, the client's own) weights on the client's held-out split
     (its test split, or its validation split when `evaluation.split = "validation"`)."""
-    config = config_from_context(context)
+    config = node_config_from_context(context)
     learner = shared_learner(context)
     data = node_data(context)
     arrays = record_to_arrays(msg.content[wire.ARRAYS])

@@ -265,7 +265,9 @@ class InProcessGrid(Grid):
             self.wire_seconds += time.perf_counter() - wire_start
         except Exception as error:  # noqa: BLE001 - every ClientApp failure becomes an error reply
             reason = f"{type(error)}:<'{error}'>"
-            logger.error("ClientApp on node %d (%s) raised: %s\n%s", node_id, message_type, reason, traceback.format_exc())
+            # The reason travels in the error reply and the server reports it once for all nodes
+            # (`server.summarize_failures`): one traceback per node would bury it (400 for 200 clients).
+            logger.debug("ClientApp on node %d (%s) raised: %s\n%s", node_id, message_type, reason, traceback.format_exc())
             reply, up = wire_round_trip(_error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason))
         else:
             self.contexts[node_id] = context

@@ -1,9 +1,10 @@
 """Screen a round's replies before any strategy sees them: drop the broken ones, decode, bound the norms.
 
-A reply is left out, with its reason, when it is missing, an error, carries
-broken metrics or arrays, or (with norm clipping in "reject" mode) an update
-far larger than the round's median. Everything here works on records and
-numpy arrays only (no model).
+A reply is left out, with its reason, when it is missing, an error, breaks the
+reply rules of `reply_checks` (records, metrics, ids bound to their nodes), carries
+broken arrays, or (with norm clipping in "reject" mode) an update far larger
+than the round's median. Everything here works on records and numpy arrays
+only (no model).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fgrpo.config import CompressionConfig
 from fgrpo.federation import wire
 from fgrpo.federation.compression import CompressionError, apply_delta, decode_delta
 from fgrpo.federation.defense import norm_clip_factors, screen_update, update_norm
+from fgrpo.federation.reply_checks import screen_round
 from fgrpo.federation.wire import arrays_to_record, record_to_arrays
 
 
@@ -38,10 +40,15 @@ def screen_replies(
     current: dict[str, np.ndarray],
     node_clients: dict[int, int],
     compression: CompressionConfig | None = None,
+    *,
+    num_clients: int,
+    weight_key: str = wire.NUM_EXAMPLES,
 ) -> tuple[list[Message], list[Failure]]:
-    """Split a round's replies into usable ones and failures (no reply, error, broken metrics or arrays).
+    """Split a round's replies into usable ones and failures (no reply, error, broken records, metrics, ids or arrays).
 
-    With a compression codec, each usable reply is decoded in place to θ_t + Δ̂,
+    Records and metrics are screened first (`reply_checks.screen_round`: the
+    node ↔ client-id bindings in `node_clients` grow on first sight). With a
+    compression codec, each usable reply is then decoded in place to θ_t + Δ̂,
     so what follows (clipping, every strategy) sees ordinary float32 weights.
     """
     ok: list[Message] = []
@@ -51,31 +58,12 @@ def screen_replies(
         if message.metadata.message_id not in answered:
             node = message.metadata.dst_node_id
             failures.append(Failure(node, node_clients.get(node), "no reply within federation.round_timeout_s"))
-    for reply in replies:
+    accepted, refused = screen_round(replies, train=True, num_clients=num_clients, bindings=node_clients, weight_key=weight_key)
+    failures += [Failure(*refusal) for refusal in refused]
+    for reply in accepted:
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            failures.append(Failure(node, node_clients.get(node), f"client error: {reply.error.reason}"[:400]))
-            continue
         content = reply.content
-        metrics = next(iter(content.metric_records.values()), None) if content.metric_records else None
-        if len(content.array_records) != 1 or metrics is None:
-            failures.append(Failure(node, node_clients.get(node), "reply must carry one ArrayRecord and one MetricRecord"))
-            continue
-        client_id = metrics.get(wire.CLIENT_ID)
-        if isinstance(client_id, int) and not isinstance(client_id, bool):
-            node_clients[node] = client_id
-        bad_metrics = [
-            key
-            for key in (wire.REWARD_MEAN, wire.REWARD_STD, wire.NUM_EXAMPLES)
-            if not isinstance(metrics.get(key), (int, float)) or not np.isfinite(metrics[key])
-        ]
-        if not isinstance(client_id, int) or bad_metrics:
-            reason = f"missing or non-finite metrics {bad_metrics or [wire.CLIENT_ID]}"
-            failures.append(Failure(node, node_clients.get(node), reason))
-            continue
-        if metrics[wire.NUM_EXAMPLES] <= 0:
-            failures.append(Failure(node, client_id, f"reported {wire.NUM_EXAMPLES} = {metrics[wire.NUM_EXAMPLES]} (nothing trained)"))
-            continue
+        client_id = int(content[wire.METRICS][wire.CLIENT_ID])
         arrays = _reply_arrays(reply)
         if compression is not None and compression.codec != "none":
             try:

@@ -44,6 +44,7 @@ from fgrpo.federation.checkpoint import (
 )
 from fgrpo.federation.export import layout_from_text, save_weights
 from fgrpo.federation.methods import build_strategy, local_steps_per_round, weight_key
+from fgrpo.federation.reply_checks import error_reason, screen_round
 from fgrpo.federation.screening import Failure, clip_replies, screen_replies
 from fgrpo.federation.strategies import WeightedAverage
 from fgrpo.federation.wire import ACC_HELDOUT, arrays_nbytes, arrays_to_record, record_to_arrays, scale_update
@@ -66,19 +67,26 @@ def _record_bytes(message: Message) -> int:
 
 
 def init_from_client(grid: Grid, node_ids: list[int], timeout: float | None) -> tuple[ArrayRecord, dict]:
-    """(θ₀, checkpoint layout) from the first node that answers the init query (they all hold the same θ₀)."""
-    reasons = []
+    """(θ₀, checkpoint layout) from the first node that answers the init query (they all hold the same θ₀).
+
+    When none can, the error says why once per distinct reason (a bad config
+    fails the same way on every node).
+    """
+    failures: list[Failure] = []
     for node in sorted(node_ids):
         message = grid.create_message(RecordDict({wire.CONFIG: ConfigRecord({})}), MessageType.QUERY, node, INIT_GROUP)
         for reply in grid.send_and_receive([message], timeout=timeout):
             if reply.has_error():
-                reasons.append(f"node {node}: {reply.error.reason}"[:300])
+                failures.append(Failure(node, None, error_reason(reply.error.reason)[:300]))
             elif wire.ARRAYS in reply.content and wire.CONFIG in reply.content:
                 layout = layout_from_text(str(reply.content[wire.CONFIG][wire.CHECKPOINT_LAYOUT]))
                 return reply.content[wire.ARRAYS], layout
             else:
-                reasons.append(f"node {node}: the init reply lacks '{wire.ARRAYS}' or '{wire.CONFIG}'")
-    raise FederationError(f"no client sent θ₀ (the server holds no model): {'; '.join(reasons) or 'no reply'}")
+                failures.append(Failure(node, None, f"the init reply lacks '{wire.ARRAYS}' or '{wire.CONFIG}'"))
+    raise FederationError(
+        f"round 0: no client could load the model and send the starting adapter θ₀ (the server holds no model): "
+        f"{summarize_failures(failures) or 'no reply'}; nothing was kept: fix the cause and run the same command again"
+    )
 
 
 def summarize_failures(failures: list[Failure], limit: int = 600) -> str:
@@ -214,7 +222,15 @@ class RoundLoop:
         """Drop missing or broken replies (decoding compressed ones), then bound the update norms."""
         fed = self.config.federation
         current = record_to_arrays(self.arrays)
-        ok, failures = screen_replies(messages, replies, current, self.node_clients, fed.compression)
+        ok, failures = screen_replies(
+            messages,
+            replies,
+            current,
+            self.node_clients,
+            fed.compression,
+            num_clients=fed.num_clients,
+            weight_key=weight_key(self.config),
+        )
         ok, self.norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
         return ok, failures + rejected
 
@@ -261,13 +277,19 @@ class RoundLoop:
         """Every client scores θ_t on its held-out split; returns the pooled accuracy."""
         messages = self.strategy.configure_evaluate(server_round, self.arrays, self.round_config, self.grid)
         answered = self.send(list(messages))
-        replies = [r for r in answered if not r.has_error()]
+        # Evaluation replies pass the same rules as training replies (ids bound to nodes, values in range).
+        replies, refused = screen_round(
+            answered, train=False, num_clients=self.config.federation.num_clients, bindings=self.node_clients
+        )
+        errors = [Failure(*refusal) for refusal in refused]
         if server_round == 0 and not replies:
-            errors = [Failure(r.metadata.src_node_id, None, f"client error: {r.error.reason}") for r in answered]
             raise FederationError(
                 f"round 0: no client could evaluate the starting model ({summarize_failures(errors) or 'no replies'}); "
                 f"nothing was kept in '{self.run_dir}': fix the cause and run the same command again"
             )
+        for failure in errors:
+            known = {} if failure.client_id is None else {"client": failure.client_id}
+            self.writer.write("failure", round=server_round, node=failure.node_id, reason=f"evaluate: {failure.reason}", **known)
         for reply in replies:
             m = reply.content[wire.METRICS]
             if ACC_HELDOUT in m:
