@@ -136,9 +136,8 @@ def test_fgrpo_temperature_may_still_be_infinite():
 
 
 def test_no_families_on_the_tiny_model_is_refused_before_its_warm_start(tmp_path):
-    files = {"files": [{"path": str(tmp_path / "data.jsonl")}]}
+    from fgrpo.core.warmstart import train_warm_start
+
+    config = config_from_dict({"tasks": {"families": [], "files": [{"path": str(tmp_path / "data.jsonl")}]}})
     with pytest.raises(ConfigError, match=r"tasks.families = \[\] but model.source = 'tiny' warm-starts on the built-in families"):
-        config_from_dict({"tasks": {"families": [], **files}})
-    # no warm start, or a real model: no families needed
-    assert config_from_dict({"tasks": {"families": [], **files}, "model": {"warm_start": {"steps": 0}}}).tasks.families == []
-    assert config_from_dict({"tasks": {"families": [], **files}, "model": {"source": "gpt2"}}).model.source == "gpt2"
+        train_warm_start(config.model.warm_start, config.tasks.families)

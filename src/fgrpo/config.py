@@ -420,16 +420,6 @@ class Config(Section):
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         return value
 
-    @model_validator(mode="after")
-    def _tiny_model_needs_families(self) -> "Config":
-        # The tiny model is warm-started on the built-in families: with none, there is nothing to warm-start on.
-        if self.model.source == "tiny" and not self.tasks.families and self.model.warm_start.steps > 0:
-            raise ValueError(
-                "tasks.families = [] but model.source = 'tiny' warm-starts on the built-in families: add at least "
-                "one family (e.g. name = 'add'), set model.warm_start.steps = 0, or use a real model"
-            )
-        return self
-
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:
     """The config class that holds the key at `loc` (for did-you-mean hints)."""

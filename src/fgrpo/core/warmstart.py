@@ -60,6 +60,13 @@ def sft_batch(tokenizer, prompts: list[str], answers: list[str]) -> dict[str, to
 
 def train_warm_start(warm_start: WarmStartConfig, families: list[FamilyConfig]):
     """SFT a fresh tiny model; returns (model, tokenizer, seconds)."""
+    if not families and warm_start.steps > 0:  # nothing to warm-start on (an empty pool, then a ZeroDivisionError)
+        from fgrpo.errors import ConfigError
+
+        raise ConfigError(
+            "tasks.families = [] but model.source = 'tiny' warm-starts on the built-in families: add at least "
+            "one family (e.g. name = 'add'), set model.warm_start.steps = 0, or use a real model"
+        )
     start = time.perf_counter()
     model, tokenizer = build_tiny_model(seed=warm_start.seed)
     per_family = max(1, warm_start.steps * warm_start.batch_size // max(1, len(families)))
