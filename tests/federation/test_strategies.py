@@ -529,13 +529,20 @@ def three_rounds(strategy, rounds):
     tau=st.floats(0.1, 10),
 )
 def test_noise_aware_gains_keep_designs_properties(gain, shrink, rewards, c, tau):
-    """Weights sum to 1 and stay in [0, w_max]; scaling one client's rewards by c > 0 changes no weight."""
+    """Weights sum to 1 and stay in [0, w_max]; scaling one client's rewards by c > 0 changes no weight.
+
+    The paper's relative gain divides by max(|B|, δ), so it is scale invariant only while |B| ≥ δ
+    (DESIGN.md): for it the rewards are shifted to [1, 11]. The noise-aware gains need no such care.
+    """
+    offset = 6.0 if gain == "relative" else 0.0
+
     def schedule(scale):
         out = []
         for rnd in range(3):
             clients = []
             for cid in (0, 1):
                 r, v, d, dv = rewards[rnd * 2 + cid]
+                r += offset
                 s = scale if cid == 0 else 1.0  # client 0's reward function is c times larger
                 clients.append((cid, 10 + 5 * cid, s * r, s * s * v, s * d, s * s * dv))
             out.append(clients)
