@@ -140,34 +140,37 @@ class GRPOLearner:
         with self.model.disable_adapter():
             return completion_log_probs(self.model, rollouts, self.config.temperature, self.share_prompts)
 
+    def _rollout(self, examples: list[Example]) -> Rollouts:
+        """G sampled completions per prompt from the current policy, with the rollout settings."""
+        cfg = self.config
+        prompts = [ex.prompt for ex in examples]
+        return self.sample(prompts, cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p)
+
+    def _score(self, examples: list[Example], rollouts: Rollouts):
+        """(examples repeated G times to align with the completions, their rewards)."""
+        grouped_examples = [ex for ex in examples for _ in range(self.config.num_generations)]
+        completion_ids = [row[mask.bool()].tolist() for row, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
+        scored = compute_rewards(grouped_examples, rollouts.completions, self.reward, completion_ids=completion_ids)
+        return grouped_examples, scored
+
     @torch.inference_mode()
     def prompt_rewards(self, examples: list[Example]) -> np.ndarray:
         """(B,) mean reward of G fresh samples per prompt from the current policy; no training.
 
         FGRPO's in-round gain compares this for θ_t and θ_k on the same prompts.
         """
-        cfg = self.config
-        rollouts = self.sample(
-            [ex.prompt for ex in examples], cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p
-        )
-        grouped_examples = [ex for ex in examples for _ in range(cfg.num_generations)]
-        completion_ids = [row[mask.bool()].tolist() for row, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
-        scored = compute_rewards(grouped_examples, rollouts.completions, self.reward, completion_ids=completion_ids)
-        return np.asarray(scored.rewards, dtype=np.float64).reshape(-1, cfg.num_generations).mean(axis=1)
+        _, scored = self._score(examples, self._rollout(examples))
+        return np.asarray(scored.rewards, dtype=np.float64).reshape(-1, self.config.num_generations).mean(axis=1)
 
     def step(self, examples: list[Example], proximal: ProximalTerm | None = None) -> dict[str, float]:
         """One GRPO step on a batch of prompts; returns metrics (train/… names)."""
         cfg = self.config
         start = time.perf_counter()
         # 1. sample G completions per prompt
-        rollouts = self.sample(
-            [ex.prompt for ex in examples], cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p
-        )
+        rollouts = self._rollout(examples)
         generation_s = time.perf_counter() - start
         # 2. reward each completion (examples repeated G times to align)
-        grouped_examples = [ex for ex in examples for _ in range(cfg.num_generations)]
-        completion_ids = [row[mask.bool()].tolist() for row, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
-        scored = compute_rewards(grouped_examples, rollouts.completions, self.reward, completion_ids=completion_ids)
+        grouped_examples, scored = self._score(examples, rollouts)
         rewards = torch.as_tensor(scored.rewards, dtype=torch.float32, device=rollouts.completion_ids.device)
         # 3. group-relative advantages
         advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # (N,)
