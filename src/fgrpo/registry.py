@@ -14,23 +14,25 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Method:
-    """One way to train: `strategy` aggregates it; `weighted`: it reports per-client weights and gains."""
+    """One way to train: `strategy` aggregates it; `weighted`: it reports per-client weights and gains;
+    `server_lr`: `federation.server_lr` scales its aggregate step (FGRPO and FedOpt have their own)."""
 
     name: str
     strategy: str
     weighted: bool = False
     compared_by_default: bool = True
+    server_lr: bool = False
 
 
 REGISTRY: tuple[Method, ...] = (
     Method("fgrpo", "fgrpo", weighted=True),
-    Method("fedavg", "fedavg"),
-    Method("fedprox", "fedprox"),
+    Method("fedavg", "fedavg", server_lr=True),
+    Method("fedprox", "fedprox", server_lr=True),
     Method("fedadam", "fedadam"),
     Method("fedyogi", "fedyogi", compared_by_default=False),
     Method("fedadagrad", "fedadagrad", compared_by_default=False),
-    Method("fedavgm", "fedavgm", compared_by_default=False),
-    Method("reward_weighted", "reward_weighted", weighted=True),
+    Method("fedavgm", "fedavgm", compared_by_default=False, server_lr=True),
+    Method("reward_weighted", "reward_weighted", weighted=True, server_lr=True),
     # Run modes of the same code rather than strategies: pooled data on one client, or no aggregation.
     Method("centralized", "fedavg"),
     Method("local", "fedavg"),
@@ -40,6 +42,7 @@ BY_NAME: dict[str, Method] = {m.name: m for m in REGISTRY}
 # `fgrpo compare`'s default: every method but the extra FedOpt variants.
 COMPARED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.compared_by_default)
 WEIGHTED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.weighted)
+SERVER_LR_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.server_lr)
 
 # Greedy accuracy on held-out prompts: one name end to end. The GRPO core logs
 # `eval/acc_heldout`, a client sends `acc_heldout`, the server logs

@@ -47,6 +47,7 @@ from fgrpo.federation.methods import build_strategy, local_steps_per_round, weig
 from fgrpo.federation.reply_checks import error_reason, screen_round
 from fgrpo.federation.screening import Failure, clip_replies, screen_replies
 from fgrpo.federation.strategies import WeightedAverage
+from fgrpo.registry import SERVER_LR_METHODS
 from fgrpo.federation.wire import ACC_HELDOUT, arrays_nbytes, arrays_to_record, record_to_arrays, scale_update
 from fgrpo.reporting.progress import progress_bar
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
@@ -55,8 +56,6 @@ from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, 
 RESUMABLE_CHANGES = ("federation.rounds", "output.dir")
 GLOBAL_ACC = f"global/{ACC_HELDOUT}"
 GLOBAL_ACC_GLOBAL_SET = f"global/{wire.ACC_GLOBAL_SET}"  # local-only: its models on every owner's held-out data
-# Methods whose aggregate federation.server_lr scales (FGRPO has its own, FedOpt its eta).
-SERVER_LR_METHODS = ("fedavg", "fedprox", "fedavgm", "reward_weighted")
 INIT_GROUP = "init"
 # The init query is where a node loads its model: allow it more than a round's timeout.
 INIT_TIMEOUT_S = 600.0
