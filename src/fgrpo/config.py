@@ -516,13 +516,7 @@ def parse_override(text: str) -> dict:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    result: dict = {}
-    node = result
-    parts = dotted.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return result
+    return nested_key(dotted.strip(), value)
 
 
 def dump_config(config: Config) -> str:
@@ -544,7 +538,8 @@ def dump_config(config: Config) -> str:
 # --------------------------------------------------------------------------- tuned values (fgrpo tune)
 
 
-def _nested(key: str, value: float) -> dict:
+def nested_key(key: str, value: Any) -> dict:
+    """'grpo.beta', 0.04 -> {'grpo': {'beta': 0.04}}."""
     node: dict = {}
     parts = key.split(".")
     cursor = node
@@ -566,7 +561,7 @@ def with_values(config: "Config", values: dict[str, float], source: str) -> "Con
     """`config` with dotted-key overrides; an unknown key or a bad value is a ConfigError naming it."""
     data = config.model_dump()
     for key, value in values.items():
-        data = deep_merge(data, _nested(key, value))
+        data = deep_merge(data, nested_key(key, value))
     return config_from_dict(data, source)
 
 
