@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def test_wrong_type_and_range_name_the_key(tmp_path):
 
 def test_reward_scale_must_be_ordered(tmp_path):
     text = "[[tasks.families]]\nname = 'add'\nreward_scale = [1.0, 0.0]\n"
-    with pytest.raises(ConfigError, match=r"tasks\.families\.0\.reward_scale.*low < high"):
+    with pytest.raises(ConfigError, match=r"tasks\.families\[0\]\.reward_scale.*low < high"):
         load_config(write(tmp_path, text))
 
 
@@ -81,7 +82,7 @@ def test_sources_section_checks_names_formats_and_suggests_keys(tmp_path):
     text = '[[tasks.sources]]\nname = "a"\npath = "a.jsonl"\n[[tasks.sources]]\nname = "a"\npath = "b.jsonl"\n'
     with pytest.raises(ConfigError, match="source names must be distinct.*repeated: a"):
         load_config(write(tmp_path, text))
-    with pytest.raises(ConfigError, match=r"tasks\.sources\.0\.format.*'gsm8k', 'math' or 'generic'"):
+    with pytest.raises(ConfigError, match=r"tasks\.sources\[0\]\.format.*'gsm8k', 'math' or 'generic'"):
         load_config(write(tmp_path, '[[tasks.sources]]\nname = "a"\npath = "a"\nformat = "csv"\n'))
     with pytest.raises(ConfigError, match="did you mean 'family_column'"):
         load_config(write(tmp_path, '[[tasks.sources]]\nname = "a"\npath = "a"\nfamily_col = "x"\n'))
@@ -121,13 +122,13 @@ def test_a_utf8_bom_is_accepted_and_a_directory_is_named_as_one(tmp_path):
         ({"model": {"device": "banana"}}, "model.device"),
         ({"grpo": {"learning_rate": float("inf")}}, "grpo.learning_rate"),
         ({"grpo": {"learning_rate": float("nan")}}, "grpo.learning_rate"),
-        ({"tasks": {"families": [{"name": "add", "reward_scale": [0.0, 1e30]}]}}, "tasks.families.0.reward_scale"),
+        ({"tasks": {"families": [{"name": "add", "reward_scale": [0.0, 1e30]}]}}, "tasks.families[0].reward_scale"),
         ({"tasks": {"train_per_family": 100_000_000}}, "tasks.train_per_family"),
         ({"federation": {"num_clients": 2, "min_train_clients": 3}}, "min_train_clients"),
     ],
 )
 def test_values_that_used_to_fail_deep_inside_a_library_are_refused_by_key(data, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         config_from_dict(data)
 
 
@@ -141,3 +142,36 @@ def test_no_families_on_the_tiny_model_is_refused_before_its_warm_start(tmp_path
     config = config_from_dict({"tasks": {"families": [], "files": [{"path": str(tmp_path / "data.jsonl")}]}})
     with pytest.raises(ConfigError, match=r"tasks.families = \[\] but model.source = 'tiny' warm-starts on the built-in families"):
         train_warm_start(config.model.warm_start, config.tasks.families)
+
+
+def test_federation_clients_set_num_clients_and_a_disagreeing_count_is_refused_by_key():
+    owners = [{"families": [{"name": "add"}]}, {"families": [{"name": "sort"}]}]
+    assert config_from_dict({"federation": {"clients": owners}}).federation.num_clients == 2
+    assert config_from_dict({"federation": {"clients": owners, "num_clients": 2}}).federation.num_clients == 2
+    with pytest.raises(ConfigError, match=r"federation.num_clients = 3 but federation.clients lists 2 owners"):
+        config_from_dict({"federation": {"clients": owners, "num_clients": 3}})
+    # The resolved config (num_clients written out) loads back unchanged.
+    config = config_from_dict({"federation": {"clients": owners}})
+    assert load_config_text(dump_config(config)) == config
+
+
+def load_config_text(text: str):
+    from fgrpo.config import tomllib
+
+    return config_from_dict(tomllib.loads(text))
+
+
+@pytest.mark.parametrize(
+    "owner, key",
+    [
+        ({"families": [{"name": "add"}], "reward_scale": [1.0, 0.0]}, "federation.clients[1].reward_scale"),
+        ({"families": [{"name": "add"}], "size": 0}, "federation.clients[1].size"),
+        ({"families": [{"name": "add"}], "rewards": [{"name": "exact_match", "wieght": 2}]}, "federation.clients[1].rewards[0].wieght"),
+        ({"sources": [{"name": "s"}]}, "federation.clients[1].sources[0].path"),
+        ({"rewards": [{"name": "exact_match"}]}, "federation.clients[1] lists no data"),
+        ({"name": "owner0", "families": [{"name": "add"}]}, "owner names must be distinct; repeated: owner0"),
+    ],
+)
+def test_a_bad_owner_entry_is_refused_naming_its_key(owner, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        config_from_dict({"federation": {"clients": [{"families": [{"name": "sub"}]}, owner]}})

@@ -181,11 +181,7 @@ class TasksConfig(Section):
     @field_validator("sources")
     @classmethod
     def _distinct_sources(cls, value: list[SourceConfig]) -> list[SourceConfig]:
-        names = [source.name for source in value]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"source names must be distinct (they label examples); repeated: {', '.join(repeated)}")
-        return value
+        return distinct_sources(value)
 
     @field_validator("rewards")
     @classmethod
@@ -193,6 +189,54 @@ class TasksConfig(Section):
         if not value:
             raise ValueError("needs at least one reward function")
         return value
+
+
+class OwnerConfig(Section):
+    """One data owner: its own examples and reward functions.
+
+    The same keys serve a `[[federation.clients]]` entry (simulation: entry k is
+    client k) and a deployed node's `data-config` file (`fgrpo.data.node_spec`),
+    so an owner's spec moves from a simulation to its own machine unchanged.
+    """
+
+    name: str | None = Field(None, description="A label for this owner (default: owner<k>).")
+    families: list[FamilyConfig] = Field(
+        default_factory=list, description="Built-in synthetic families this owner generates (tasks.train_per_family each)."
+    )
+    files: list[FileConfig] = Field(default_factory=list, description="This owner's JSONL files.")
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="This owner's dataset files (GSM8K, MATH or generic; JSONL/JSON/Parquet/CSV)."
+    )
+    rewards: list[RewardConfig] = Field(
+        default_factory=list, description="This owner's reward functions with their kwargs (empty: tasks.rewards)."
+    )
+    reward_scale: RewardScale | None = Field(
+        None, description="(low, high) for every example of this owner, replacing its families', files' and sources' own."
+    )
+    size: int | None = Field(None, ge=1, description="Train on at most this many of the owner's prompts (default: all).")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of this owner's generated families and splits (default: tasks.seed + 1 + k)."
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, value: list[SourceConfig]) -> list[SourceConfig]:
+        return distinct_sources(value)
+
+    def has_data(self) -> bool:
+        return bool(self.families or self.files or self.sources)
+
+    def label(self, index: int) -> str:
+        """Its name, else owner<index>: the `owner` column of its examples."""
+        return self.name or f"owner{index}"
+
+
+def distinct_sources(value: list[SourceConfig]) -> list[SourceConfig]:
+    names = [source.name for source in value]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"source names must be distinct (they label examples); repeated: {', '.join(repeated)}")
+    return value
 
 
 class GRPOConfig(Section):
@@ -347,6 +391,39 @@ class FederationConfig(Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     fgrpo: FGRPOOptions = Field(default_factory=FGRPOOptions)
     server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig)
+    clients: list[OwnerConfig] = Field(
+        default_factory=list,
+        description="One entry per data owner (its files, sources, families, rewards, reward scale, size); when given, "
+        "client k holds exactly entry k's data instead of a partition of the [tasks] pool, and num_clients is its length.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clients_set_num_clients(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("clients") and isinstance(data["clients"], list):
+            given = data.get("num_clients")
+            if given is None:
+                return {**data, "num_clients": len(data["clients"])}
+            if given != len(data["clients"]):
+                raise ValueError(
+                    f"federation.num_clients = {given!r} but federation.clients lists {len(data['clients'])} owners; "
+                    "drop num_clients (it follows the list) or make them agree"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _owners_bring_data(self) -> "FederationConfig":
+        names = [owner.label(k) for k, owner in enumerate(self.clients)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"federation.clients: owner names must be distinct; repeated: {', '.join(repeated)}")
+        for k, owner in enumerate(self.clients):
+            if not owner.has_data():
+                raise ValueError(
+                    f"federation.clients[{k}] lists no data: give it families, files or sources "
+                    "(an owner's share replaces the partition of the [tasks] pool)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _enough_clients(self) -> "FederationConfig":
@@ -439,12 +516,20 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
+def dotted_key(loc: tuple) -> str:
+    """('federation', 'clients', 1, 'size') -> 'federation.clients[1].size' (the key as a TOML user reads it)."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     """Turn pydantic's errors into lines naming the file, the dotted key and what is allowed."""
     lines = [f"invalid config in {source}:"]
     for item in error.errors():
         loc = tuple(item["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = dotted_key(loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             section = _section_at(loc)
             allowed = sorted(section.model_fields) if section else []

@@ -76,7 +76,12 @@ def test_a_nodes_data_config_is_its_only_source_of_data_and_reward_code(tmp_path
     assert {ex.family for ex in data.train + data.test} == {"mine"}  # not the server's file, nor its families
     assert len(data.train) + len(data.test) == 10
     tasks = node_config_from_context(context).tasks
-    assert tasks.families == config.tasks.families  # the tiny model's warm start (and so the base model) is the server's
+    assert tasks.families == []  # the node trains on its own data only, not on the run's families
+    from fgrpo.federation.clientapp import learner_config_text
+    from fgrpo.federation.wire import config_from_text, config_text
+
+    # The policy is built from the run's config: the tiny model's warm start (so the base model) is the server's.
+    assert config_from_text(learner_config_text(config_text(context))).tasks.families == config.tasks.families
     assert [r.name for r in tasks.rewards] == ["partial_credit"]
     assert [f.path for f in tasks.files] == [str((tmp_path / "owner" / "mine.jsonl").resolve())]
 

@@ -268,3 +268,17 @@ def test_resolve_errors():
         resolve_reward_function("no_such_module_xyz:fn")
     with pytest.raises(ConfigError, match=r"module 'fgrpo.data.rewards' has no attribute 'missing'"):
         resolve_reward_function("fgrpo.data.rewards:missing")
+
+
+def test_owner_rewards_score_each_example_with_its_owners_functions():
+    from fgrpo.data.rewards import OwnerRewards, WeightedReward
+
+    reward = OwnerRewards({"a": WeightedReward([("exact_match", 1.0)]), "b": WeightedReward([("format", 2.0)])})
+    columns = {"answer": ["12", "12", "12"], "family": ["add"] * 3, "owner": ["a", "b", "a"]}
+    scores, per_function = reward.score(["p"] * 3, ["13", "13", "12"], columns)
+    np.testing.assert_array_equal(scores, [0.0, 2.0, 1.0])
+    np.testing.assert_array_equal(per_function["exact_match"], [0.0, np.nan, 1.0])
+    with pytest.raises(RewardError, match="no reward functions for owner 'c'"):
+        reward.score(["p"], ["1"], {"answer": ["1"], "owner": ["c"]})
+    with pytest.raises(RewardError, match="carry no 'owner' column"):
+        reward.score(["p"], ["1"], {"answer": ["1"]})

@@ -20,7 +20,7 @@ from fgrpo.core.chat import RAW, PromptFormat
 from fgrpo.config import GRPOConfig
 from fgrpo.core.grpo import group_advantages, grpo_loss
 from fgrpo.core.model import trainable_parameters
-from fgrpo.data.rewards import WeightedReward, compute_rewards
+from fgrpo.data.rewards import OwnerRewards, WeightedReward, compute_rewards
 from fgrpo.core.rollout import Rollouts, completion_log_probs, generate
 from fgrpo.data.tasks import Example
 from fgrpo.errors import TrainingError
@@ -42,7 +42,7 @@ class GRPOLearner:
         model,
         tokenizer,
         grpo: GRPOConfig,
-        reward: WeightedReward,
+        reward: WeightedReward | OwnerRewards,
         prompt_format: PromptFormat = RAW,
         generate_fn: Callable[..., Rollouts] = generate,
     ):

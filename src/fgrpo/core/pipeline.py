@@ -13,7 +13,7 @@ from fgrpo.config import Config, ModelConfig, TasksConfig
 from fgrpo.errors import ConfigError
 from fgrpo.core.learner import GRPOLearner, seeded
 from fgrpo.core.model import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
-from fgrpo.data.rewards import WeightedReward, resolve_reward_function
+from fgrpo.data.rewards import OwnerRewards, WeightedReward, resolve_reward_function
 from fgrpo.data.sources import load_source
 from fgrpo.data.tasks import Example, FamilySpec, carve_validation, load_jsonl, make_splits, train_test_split
 
@@ -73,12 +73,16 @@ def build_task_pool(tasks: TasksConfig) -> tuple[list[Example], list[Example]]:
     return splits.train, splits.test
 
 
-def build_reward(tasks: TasksConfig, max_completion_length: int | None = None) -> WeightedReward:
+def build_reward(tasks: TasksConfig, max_completion_length: int | None = None, key: str = "tasks.rewards") -> WeightedReward:
     """The weighted reward; `kwargs` are bound to each function, and length_penalty
-    defaults its budget to the rollouts' max_completion_length."""
+    defaults its budget to the rollouts' max_completion_length. A function that
+    cannot be resolved is a ConfigError naming `key[i].name`."""
     terms = []
-    for reward in tasks.rewards:
-        fn = resolve_reward_function(reward.name)
+    for i, reward in enumerate(tasks.rewards):
+        try:
+            fn = resolve_reward_function(reward.name)
+        except ConfigError as error:
+            raise ConfigError(f"{key}[{i}].name: {error}") from None
         kwargs = dict(reward.kwargs)
         if reward.name == "length_penalty" and max_completion_length is not None:
             kwargs.setdefault("max_length", max_completion_length)
@@ -86,6 +90,22 @@ def build_reward(tasks: TasksConfig, max_completion_length: int | None = None) -
             fn = functools.update_wrapper(functools.partial(fn, **kwargs), fn)
         terms.append((reward.name if not kwargs else fn, reward.weight))
     return WeightedReward(terms)
+
+
+def build_owner_rewards(config: Config) -> OwnerRewards:
+    """Every owner's reward functions, keyed by owner name (a centralized run pools the owners' examples)."""
+    from fgrpo.data.node_spec import owner_name, owner_tasks
+
+    return OwnerRewards(
+        {
+            owner_name(owner, k): build_reward(
+                owner_tasks(config.tasks, owner, k),
+                config.grpo.max_completion_length,
+                f"federation.clients[{k}].rewards" if owner.rewards else "tasks.rewards",
+            )
+            for k, owner in enumerate(config.federation.clients)
+        }
+    )
 
 
 def resolve_model_source(model: ModelConfig, tasks: TasksConfig) -> str:

@@ -7,13 +7,17 @@ The run config the server sends carries hyperparameters; it may name files
 
 - `data-path = "/data/owner.jsonl"`: one private JSONL file (prompt / answer);
 - `data-config = "/data/owner.toml"`: a local TOML file with the node's
-  `[[files]]`, `[[sources]]` and `[[rewards]]` tables (the keys of the config's
-  `[tasks]` lists; relative paths are relative to that file);
+  owner spec: `[[families]]`, `[[files]]`, `[[sources]]`, `[[rewards]]`,
+  `reward_scale`, `size` (the keys of a `[[federation.clients]]` entry,
+  `fgrpo.config.OwnerConfig`; relative paths are relative to that file);
 - `allow-server-data = true`: read the files the run config names;
 - `allow-server-code = true`: import the `module:function` rewards it names.
 
 `fgrpo run` (one process that is the server and every node) passes both
-`allow-*` keys: there the config is the user's own.
+`allow-*` keys: there the config is the user's own. When the run config lists
+owners (`[[federation.clients]]`), node `partition-id = k` takes entry k and
+only entry k: its data (read only with allow-server-data when it names files)
+and its rewards (imported only with allow-server-code when they name code).
 
 Errors that leave the node carry no data values: `public_message` keeps the
 file, line and key of a data error and the kind of problem, never a cell.
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from fgrpo.config import FileConfig, RewardConfig, Section, SourceConfig, TasksConfig, format_validation_error
+from fgrpo.config import MAX_SEED, OwnerConfig, TasksConfig, format_validation_error
 from fgrpo.errors import ConfigError, DataError, FgrpoError
 
 if sys.version_info >= (3, 11):
@@ -43,14 +47,8 @@ ALLOW_SERVER_DATA = "allow-server-data"
 ALLOW_SERVER_CODE = "allow-server-code"
 
 
-class NodeDataConfig(Section):
-    """The tables of a node's `data-config` file."""
-
-    files: list[FileConfig] = Field(default_factory=list, description="This node's JSONL files.")
-    sources: list[SourceConfig] = Field(default_factory=list, description="This node's dataset files.")
-    rewards: list[RewardConfig] = Field(
-        default_factory=list, description="This node's reward functions (empty: the run config's built-in ones)."
-    )
+# A node's data-config file holds one owner spec: the keys of a [[federation.clients]] entry.
+NodeDataConfig = OwnerConfig
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class NodeSpec:
     @property
     def owns_data(self) -> bool:
         """The node brings its own examples (the run's files, sources and families are not its pool)."""
-        return bool(self.data_path) or bool(self.data and (self.data.files or self.data.sources))
+        return bool(self.data_path) or bool(self.data and self.data.has_data())
 
 
 def _flag(node_config: Mapping, key: str) -> bool:
@@ -134,33 +132,104 @@ def server_code(tasks: TasksConfig) -> list[str]:
     return [f"tasks.rewards[{i}].name" for i, reward in enumerate(tasks.rewards) if ":" in reward.name]
 
 
-def node_tasks(tasks: TasksConfig, spec: NodeSpec) -> TasksConfig:
+def owner_name(owner: OwnerConfig, index: int) -> str:
+    """The label of owner `index` (its `owner` column): its name, else owner<index>."""
+    return owner.label(index)
+
+
+def owner_seed(tasks: TasksConfig, owner: OwnerConfig, index: int) -> int:
+    """The seed of owner `index`'s generated families and splits: owners with the same family get different prompts."""
+    return owner.seed if owner.seed is not None else (tasks.seed + 1 + index) % (MAX_SEED + 1)
+
+
+def owner_tasks(tasks: TasksConfig, owner: OwnerConfig, index: int) -> TasksConfig:
+    """The [tasks] one owner's spec makes: its families, files and sources (on its reward scale) and its
+    rewards (the run's when it lists none); prompt counts per family stay the run's."""
+    def scaled(items: list) -> list:
+        if owner.reward_scale is None:
+            return list(items)
+        return [item.model_copy(update={"reward_scale": tuple(owner.reward_scale)}) for item in items]
+
+    return tasks.model_copy(
+        update={
+            "families": scaled(owner.families),
+            "files": scaled(owner.files),
+            "sources": scaled(owner.sources),
+            "rewards": owner.rewards or tasks.rewards,
+            "seed": owner_seed(tasks, owner, index),
+        }
+    )
+
+
+def owner_paths(owner: OwnerConfig, where: str) -> list[str]:
+    """The keys of an owner spec that name a file."""
+    return [f"{where}.files[{i}].path" for i in range(len(owner.files))] + [
+        f"{where}.sources[{i}].path" for i in range(len(owner.sources))
+    ]
+
+
+def run_owner(owners: list[OwnerConfig], spec: NodeSpec, partition_id: int) -> tuple[int, OwnerConfig] | None:
+    """(k, entry k of [[federation.clients]]) for node `partition_id`, or None when the run lists no owners
+    or the node brings its own data."""
+    if not owners or spec.owns_data:
+        return None
+    if not 0 <= partition_id < len(owners):
+        raise ConfigError(
+            f"node config partition-id = {partition_id}, but federation.clients lists {len(owners)} owners "
+            f"(partition-id must be in 0..{len(owners) - 1})"
+        )
+    return partition_id, owners[partition_id]
+
+
+def node_tasks(
+    tasks: TasksConfig, spec: NodeSpec, owner: tuple[int, OwnerConfig] | None = None, partition_id: int = 0
+) -> TasksConfig:
     """The [tasks] this node uses: the run's settings, with the node's own data and reward code.
 
-    A node with its own data never reads the run's files (nor trains on its
-    families: see `federation.clientapp._client_data`). Without its own
-    data, files named by the run config are read only with allow-server-data;
-    'module:function' rewards of the run config are imported only with
-    allow-server-code (or replaced by the node's own `[[rewards]]`).
+    A node with its own data (data-path, or a data-config with families, files
+    or sources) never reads the run's files nor trains on the run's families.
+    A node given `owner` (entry k of the run's [[federation.clients]], see
+    `run_owner`) uses that entry's data and rewards only, never another
+    owner's. Otherwise files named by the run config are read only with
+    allow-server-data; 'module:function' rewards of the run config are
+    imported only with allow-server-code (or replaced by the node's own
+    `[[rewards]]`). A data-config's owner seed and name follow `partition_id`
+    as entry `partition_id` of [[federation.clients]] would. The base model (the tiny model's warm start on the run's
+    families) is the run's either way: `federation.clientapp` builds it from
+    the run config.
     """
-    update: dict = {}
-    if spec.owns_data:
-        own = spec.data or NodeDataConfig()
-        update.update(files=own.files, sources=own.sources)  # families stay: the tiny model's warm start uses them
+    own = spec.data
+    rewards_key = "tasks.rewards"
+    if own is not None and own.has_data():
+        tasks = owner_tasks(tasks, own, partition_id)
+    elif spec.data_path:
+        tasks = tasks.model_copy(update={"families": [], "files": [], "sources": []})
+    elif owner is not None:
+        index, entry = owner
+        named = owner_paths(entry, f"federation.clients[{index}]")
+        if named and not spec.allow_server_data:
+            raise ConfigError(
+                f"this node does not read files the server names ({', '.join(named[:3])}): give the node its own "
+                f"data with --node-config '{DATA_CONFIG}=/path/owner.toml', or let the server choose with "
+                f"'{ALLOW_SERVER_DATA}=true'"
+            )
+        tasks = owner_tasks(tasks, entry, index)
+        rewards_key = f"federation.clients[{index}].rewards" if entry.rewards else rewards_key
     elif server_paths(tasks) and not spec.allow_server_data:
         raise ConfigError(
             f"this node does not read files the server names ({', '.join(server_paths(tasks)[:3])}): give the node "
             f"its own data with --node-config '{DATA_CONFIG}=/path/owner.toml' (or '{DATA_PATH}=/path/data.jsonl'), "
             f"or let the server choose with '{ALLOW_SERVER_DATA}=true'"
         )
-    if spec.data is not None and spec.data.rewards:
-        update["rewards"] = spec.data.rewards
-    elif server_code(tasks) and not spec.allow_server_code:
+    if own is not None and own.rewards:
+        return tasks.model_copy(update={"rewards": own.rewards})
+    code = [f"{rewards_key}[{i}].name" for i, reward in enumerate(tasks.rewards) if ":" in reward.name]
+    if code and not spec.allow_server_code:
         raise ConfigError(
-            f"this node does not import code the server names ({', '.join(server_code(tasks)[:3])}): list the node's "
+            f"this node does not import code the server names ({', '.join(code[:3])}): list the node's "
             f"own [[rewards]] in its {DATA_CONFIG} file, or let the server choose with '{ALLOW_SERVER_CODE}=true'"
         )
-    return tasks.model_copy(update=update) if update else tasks
+    return tasks
 
 
 def public_message(error: BaseException) -> str:

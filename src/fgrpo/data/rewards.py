@@ -231,6 +231,43 @@ class WeightedReward:
         return np.nansum(weighted, axis=0), per_function
 
 
+OWNER_COLUMN = "owner"  # the column naming each example's data owner (`federation.clients`)
+
+
+class OwnerRewards:
+    """Each example scored by its owner's reward functions (the `owner` column), for a run that pools owners.
+
+    A centralized run trains on every owner's examples at once; each must keep
+    the reward its owner defined, as in the federated run it is compared with.
+    `per_function` holds each function's values where it applied, NaN elsewhere.
+    """
+
+    def __init__(self, by_owner: dict[str, WeightedReward]):
+        if not by_owner:
+            raise ConfigError("OwnerRewards needs at least one owner")
+        self.by_owner = dict(by_owner)
+
+    def score(self, prompts: list, completions: list, columns: dict[str, list]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        owners = columns.get(OWNER_COLUMN)
+        if owners is None:
+            raise RewardError(f"examples carry no '{OWNER_COLUMN}' column: cannot tell whose reward functions apply")
+        n = len(completions)
+        scores = np.full(n, np.nan)  # (N,)
+        per_function: dict[str, np.ndarray] = {}
+        for owner in dict.fromkeys(owners):
+            if owner not in self.by_owner:
+                raise RewardError(f"no reward functions for owner '{owner}' (known: {', '.join(self.by_owner)})")
+            rows = [i for i, name in enumerate(owners) if name == owner]
+            subset = {key: [values[i] for i in rows] for key, values in columns.items()}
+            owner_scores, owner_values = self.by_owner[owner].score(
+                [prompts[i] for i in rows], [completions[i] for i in rows], subset
+            )
+            scores[rows] = owner_scores
+            for name, values in owner_values.items():
+                per_function.setdefault(name, np.full(n, np.nan))[rows] = values
+        return scores, per_function
+
+
 def apply_reward_scale(scores: np.ndarray, scales: Sequence[tuple[float, float]]) -> np.ndarray:
     """low + (high − low) · score per sample (N,); linear, so scores outside [0, 1] extrapolate."""
     scores = np.asarray(scores, dtype=np.float64)  # (N,)
@@ -249,7 +286,10 @@ class RewardResult:
 
 
 def compute_rewards(
-    examples: Sequence[Example], completions: Sequence, reward: WeightedReward, completion_ids: list | None = None
+    examples: Sequence[Example],
+    completions: Sequence,
+    reward: WeightedReward | OwnerRewards,
+    completion_ids: list | None = None,
 ) -> RewardResult:
     """Score completions[i] against examples[i]: the reward functions see the examples' prompts and columns.
 

@@ -7,18 +7,21 @@ aggregate statistics are returned.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fgrpo.config import Config
+from fgrpo.config import Config, TasksConfig
 from fgrpo.errors import ConfigError
 from fgrpo.core.evaluate import evaluate
 from fgrpo.core.learner import GRPOLearner, ProximalTerm, mean_variance, seeded
 from fgrpo.core.model import get_trainable_arrays, set_trainable_arrays, trainable_parameters
+from fgrpo.data.node_spec import owner_name, owner_tasks
 from fgrpo.data.partition import partition
+from fgrpo.data.rewards import OWNER_COLUMN
 from fgrpo.core.pipeline import build_task_splits
 from fgrpo.data.tasks import Example
 from fgrpo.federation import wire
@@ -59,6 +62,11 @@ def all_client_data(config: Config, num_clients: int) -> list[ClientData]:
     One call builds all shares, so a process simulating 1,000 clients builds
     the pool and partitions it once, not once per client.
     """
+    if config.federation.clients:
+        return [
+            owner_client_data(owner_tasks(config.tasks, owner, k), k, owner_name(owner, k), owner.size)
+            for k, owner in enumerate(config.federation.clients)
+        ]
     splits = build_task_splits(config.tasks)
     options = {"alpha": config.federation.partition.alpha}
     scheme = config.federation.partition.scheme
@@ -97,8 +105,30 @@ def partition_labels(examples: list[Example], by: str = "family") -> list[str]:
     return labels
 
 
+def owner_client_data(tasks: TasksConfig, client_id: int, name: str, size: int | None = None) -> ClientData:
+    """Every example of one owner (its [tasks] from `node_spec.owner_tasks`), each tagged with the owner's name.
+
+    With `size`, the client trains on a seeded random `size` of its training
+    prompts (not the first ones: generated families come one after another).
+    The tag is the `owner` column reward functions receive; a centralized run
+    scores each pooled example with its owner's functions by it.
+    """
+    splits = build_task_splits(tasks)
+    train = splits.train
+    if size is not None and size < len(train):
+        train = random.Random(tasks.seed).sample(train, size)
+
+    def tagged(examples: list[Example]) -> list[Example]:
+        return [dataclasses.replace(ex, meta={**ex.meta, OWNER_COLUMN: name}) for ex in examples]
+
+    return ClientData(client_id, tagged(train), tagged(splits.test), tagged(splits.validation))
+
+
 def pooled_data(config: Config) -> ClientData:
-    """Centralized mode: one client holding every example."""
+    """Centralized mode: one client holding every example (every owner's, when the config lists owners)."""
+    if config.federation.clients:
+        shares = all_client_data(config, len(config.federation.clients))
+        return ClientData(0, *([ex for share in shares for ex in getattr(share, part)] for part in ("train", "test", "validation")))
     splits = build_task_splits(config.tasks)
     return ClientData(0, splits.train, splits.test, splits.validation)
 

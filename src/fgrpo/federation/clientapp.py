@@ -23,7 +23,15 @@ from fgrpo.core.learner import GRPOLearner
 from fgrpo.core.model import checkpoint_layout, get_trainable_arrays
 from fgrpo.core.pipeline import build_learner
 from fgrpo.federation import wire
-from fgrpo.federation.client import ClientData, all_client_data, evaluate_arrays, local_round, pooled_data, round_seed
+from fgrpo.federation.client import (
+    ClientData,
+    all_client_data,
+    evaluate_arrays,
+    local_round,
+    owner_client_data,
+    pooled_data,
+    round_seed,
+)
 from fgrpo.federation.export import layout_to_text as export_layout_text
 from fgrpo.federation.wire import arrays_to_record, config_from_context, config_from_text, record_to_arrays
 
@@ -34,18 +42,70 @@ def node_config_from_context(context: Context) -> Config:
 
 @lru_cache(maxsize=64)
 def _node_config_text(config_text: str, node_items: tuple) -> str:
-    """The run config as this node uses it: its [tasks] with the node's own data and reward code."""
+    """The run config as this node uses it: its [tasks] with the node's own data and reward code.
+
+    A node that takes entry k of the run's [[federation.clients]] keeps only
+    that entry, as its [tasks]; the other owners' entries are dropped, so
+    nothing downstream can read them.
+    """
     from fgrpo.config import dump_config
-    from fgrpo.data.node_spec import node_spec, node_tasks
+    from fgrpo.data.node_spec import node_spec, node_tasks, run_owner
 
     config = config_from_text(config_text)
-    tasks = node_tasks(config.tasks, node_spec(dict(node_items)))
-    # Unchanged text when nothing changed, so in-process nodes share one learner.
-    return config_text if tasks is config.tasks else dump_config(config.model_copy(update={"tasks": tasks}))
+    node = dict(node_items)
+    spec = node_spec(node)
+    partition_id = int(node.get("partition-id", 0))
+    owners = config.federation.clients
+    if config.federation.method == "centralized":
+        check_pooled_owners(owners, spec)  # one node pools every owner's data and rewards
+        owners = []
+    owner = run_owner(owners, spec, partition_id)
+    tasks = node_tasks(config.tasks, spec, owner, partition_id)
+    if tasks is config.tasks:  # unchanged text when nothing changed
+        return config_text
+    update = {"tasks": tasks}
+    if owner is not None or (spec.owns_data and owners):
+        update["federation"] = config.federation.model_copy(update={"clients": []})  # no other owner's entry
+    return dump_config(config.model_copy(update=update))
+
+
+def check_pooled_owners(owners: list, spec) -> None:
+    """A centralized node reads every owner's files and imports every owner's reward code: only where it allows that."""
+    from fgrpo.data.node_spec import ALLOW_SERVER_CODE, ALLOW_SERVER_DATA, owner_paths
+
+    paths = [key for k, owner in enumerate(owners) for key in owner_paths(owner, f"federation.clients[{k}]")]
+    code = [
+        f"federation.clients[{k}].rewards[{i}].name"
+        for k, owner in enumerate(owners)
+        for i, reward in enumerate(owner.rewards)
+        if ":" in reward.name
+    ]
+    from fgrpo.errors import ConfigError
+
+    if paths and not spec.allow_server_data:
+        raise ConfigError(f"a centralized node pools the owners' files ({', '.join(paths[:3])}): it needs '{ALLOW_SERVER_DATA}=true'")
+    if code and not spec.allow_server_code:
+        raise ConfigError(f"a centralized node imports the owners' reward code ({', '.join(code[:3])}): it needs '{ALLOW_SERVER_CODE}=true'")
 
 
 def node_config_text(context: Context) -> str:
     return _node_config_text(wire.config_text(context), tuple(sorted(context.node_config.items())))
+
+
+@lru_cache(maxsize=8)
+def learner_config_text(config_text: str) -> str:
+    """The part of the run config the policy depends on: everything but data and rewards, which are each node's.
+
+    In-process nodes with different owners therefore share one model; the
+    base model (the tiny model's warm start on the run's families) is the
+    run's on every node.
+    """
+    from fgrpo.config import TasksConfig, dump_config
+
+    config = config_from_text(config_text)
+    tasks = config.tasks.model_copy(update={"files": [], "sources": [], "rewards": TasksConfig().rewards})
+    federation = config.federation.model_copy(update={"clients": []})
+    return dump_config(config.model_copy(update={"tasks": tasks, "federation": federation}))
 
 
 @lru_cache(maxsize=2)
@@ -55,18 +115,50 @@ def _shared_learner(config_text: str) -> GRPOLearner:
     return build_learner(config, config.training.seed)
 
 
+@lru_cache(maxsize=64)
+def _node_reward(node_text: str, key: str):
+    """This node's reward functions: its owner's (centralized: each pooled example is scored by its owner's).
+    `key` is where they were configured, for error messages."""
+    from fgrpo.core.pipeline import build_owner_rewards, build_reward
+
+    config = config_from_text(node_text)
+    if config.federation.clients:
+        return build_owner_rewards(config)
+    return build_reward(config.tasks, config.grpo.max_completion_length, key)
+
+
+def node_rewards_key(context: Context) -> str:
+    """Where this node's reward functions come from: its data-config, its [[federation.clients]] entry, or [tasks]."""
+    from fgrpo.data.node_spec import DATA_CONFIG, node_spec, run_owner
+
+    node = context.node_config
+    spec = node_spec(node)
+    if spec.data is not None and spec.data.rewards:
+        return f"node config {DATA_CONFIG} '{node[DATA_CONFIG]}': rewards"
+    config = config_from_text(wire.config_text(context))
+    if config.federation.method != "centralized":
+        found = run_owner(config.federation.clients, spec, int(node.get("partition-id", 0)))
+        if found is not None and found[1].rewards:
+            return f"federation.clients[{found[0]}].rewards"
+    return "tasks.rewards"
+
+
 def shared_learner(context: Context) -> GRPOLearner:
-    return _shared_learner(node_config_text(context))
+    """The process's policy, scoring with this node's reward functions (clients run one at a time in a process)."""
+    learner = _shared_learner(learner_config_text(wire.config_text(context)))
+    learner.reward = _node_reward(node_config_text(context), node_rewards_key(context))
+    return learner
 
 
 @lru_cache(maxsize=1024)
-def _client_data(config_text: str, partition_id: int, num_partitions: int, data_path: str, own_data: bool = False) -> ClientData:
+def _client_data(
+    config_text: str, partition_id: int, num_partitions: int, data_path: str, owner: tuple[str, int | None] | None = None
+) -> ClientData:
+    """This node's examples. `owner` = (name, size) when the node's [tasks] are one owner's spec (its data-config,
+    or its [[federation.clients]] entry): then every example of those [tasks] is this client's."""
     config = config_from_text(config_text)
-    if own_data and not data_path:  # the node's data-config: all of its examples are this client's
-        from fgrpo.core.pipeline import build_task_splits
-
-        splits = build_task_splits(config.tasks.model_copy(update={"families": []}))
-        return ClientData(partition_id, splits.train, splits.test, splits.validation)
+    if owner is not None and not data_path:
+        return owner_client_data(config.tasks, partition_id, *owner)
     if data_path:
         if not Path(data_path).is_file():
             from fgrpo.errors import DataError
@@ -80,6 +172,21 @@ def _client_data(config_text: str, partition_id: int, num_partitions: int, data_
 
         raise ConfigError(f"node config partition-id = {partition_id} must be in 0..{num_partitions - 1} (num-partitions)")
     return _partitioned(config_text, num_partitions)[partition_id]
+
+
+def node_owner(context: Context) -> tuple[str, int | None] | None:
+    """(name, size) of the owner spec this node's data comes from, or None when it holds a share of the run's pool."""
+    from fgrpo.data.node_spec import node_spec, owner_name, run_owner
+
+    node = context.node_config
+    spec = node_spec(node)
+    partition_id = int(node.get("partition-id", 0))
+    if spec.data is not None and spec.data.has_data():
+        return owner_name(spec.data, partition_id), spec.data.size
+    config = config_from_text(wire.config_text(context))
+    owners = config.federation.clients if config.federation.method != "centralized" else []
+    found = run_owner(owners, spec, partition_id)
+    return None if found is None else (owner_name(found[1], found[0]), found[1].size)
 
 
 @lru_cache(maxsize=2)
@@ -104,32 +211,40 @@ def file_client_data(config: Config, partition_id: int, data_path: str) -> Clien
 def global_heldout(context: Context, split: str) -> list | None:
     """Every owner's held-out examples together, for scoring a local-only model beyond its own split.
 
-    Only a simulated node can rebuild them (from the shared pool definition); a
-    node with its own data file cannot see other owners' data, so it gets None.
+    Only a simulated node can rebuild them (from the shared pool definition, or
+    every [[federation.clients]] entry when it may read what the run names); a
+    node with its own data cannot see other owners' data, so it gets None.
     """
+    from fgrpo.data.node_spec import node_spec
+
     node = context.node_config
     config_text = wire.config_text(context)
-    if str(node.get("data-path", "")) or config_from_text(config_text).federation.method == "centralized":
+    config = config_from_text(config_text)
+    spec = node_spec(node)
+    if spec.owns_data or config.federation.method == "centralized":
         return None
-    shares = _partitioned(config_text, int(node.get("num-partitions", 1)))
+    if config.federation.clients:
+        if not spec.allow_server_data:
+            return None
+        shares = all_client_data(config, len(config.federation.clients))
+    else:
+        shares = _partitioned(config_text, int(node.get("num-partitions", 1)))
     return [ex for share in shares for ex in share.heldout(split)]
 
 
 def node_data(context: Context) -> ClientData:
     """This node's examples, from the data it owns (`data.node_spec`); errors that leave it quote no data."""
-    from fgrpo.data.node_spec import node_spec, public_message
+    from fgrpo.data.node_spec import public_message
     from fgrpo.errors import DataError, FgrpoError
 
     node = context.node_config
-    text = node_config_text(context)
-    own_data = node_spec(node).owns_data  # a data-config may bring only reward code
     try:
         return _client_data(
-            text,
+            node_config_text(context),
             int(node.get("partition-id", 0)),
             int(node.get("num-partitions", 1)),
             str(node.get("data-path", "")),
-            own_data,
+            node_owner(context),
         )
     except DataError as error:
         raise DataError(public_message(error)) from None
