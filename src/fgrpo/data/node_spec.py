@@ -168,6 +168,18 @@ def owner_paths(owner: OwnerConfig, where: str) -> list[str]:
     ]
 
 
+def owner_code(owner: OwnerConfig, where: str) -> list[str]:
+    """The keys of an owner spec that name code to import ('module:function' rewards)."""
+    return [f"{where}.rewards[{i}].name" for i, reward in enumerate(owner.rewards) if ":" in reward.name]
+
+
+def owners_named(owners: list[OwnerConfig]) -> tuple[list[str], list[str]]:
+    """(file keys, code keys) that the run's [[federation.clients]] entries name."""
+    paths = [key for k, owner in enumerate(owners) for key in owner_paths(owner, f"federation.clients[{k}]")]
+    code = [key for k, owner in enumerate(owners) for key in owner_code(owner, f"federation.clients[{k}]")]
+    return paths, code
+
+
 def run_owner(owners: list[OwnerConfig], spec: NodeSpec, partition_id: int) -> tuple[int, OwnerConfig] | None:
     """(k, entry k of [[federation.clients]]) for node `partition_id`, or None when the run lists no owners
     or the node brings its own data."""

@@ -71,17 +71,10 @@ def _node_config_text(config_text: str, node_items: tuple) -> str:
 
 def check_pooled_owners(owners: list, spec) -> None:
     """A centralized node reads every owner's files and imports every owner's reward code: only where it allows that."""
-    from fgrpo.data.node_spec import ALLOW_SERVER_CODE, ALLOW_SERVER_DATA, owner_paths
-
-    paths = [key for k, owner in enumerate(owners) for key in owner_paths(owner, f"federation.clients[{k}]")]
-    code = [
-        f"federation.clients[{k}].rewards[{i}].name"
-        for k, owner in enumerate(owners)
-        for i, reward in enumerate(owner.rewards)
-        if ":" in reward.name
-    ]
+    from fgrpo.data.node_spec import ALLOW_SERVER_CODE, ALLOW_SERVER_DATA, owners_named
     from fgrpo.errors import ConfigError
 
+    paths, code = owners_named(owners)
     if paths and not spec.allow_server_data:
         raise ConfigError(f"a centralized node pools the owners' files ({', '.join(paths[:3])}): it needs '{ALLOW_SERVER_DATA}=true'")
     if code and not spec.allow_server_code:
