@@ -22,6 +22,20 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+@app.callback()
+def main(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show the libraries' own output too: transformers' progress bars and "
+        "deprecation warnings, Flower's INFO logs (hidden by default)."
+    ),
+):
+    """Federated GRPO: RL fine-tuning of language models across data owners, aggregated by relative gain."""
+    from fgrpo.reporting.noise import quiet_libraries, set_verbose
+
+    set_verbose(verbose)
+    quiet_libraries()
+
+
 def friendly_errors(command):
     """Print fgrpo's own errors as one clear message (no traceback) and exit 2."""
     from rich.markup import escape

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fgrpo.config import Config, dump_config
 from fgrpo.errors import ConfigError
+from fgrpo.reporting.noise import quiet_flower_logs
 from fgrpo.reporting.results import run_directory
 
 
@@ -26,15 +27,6 @@ def node_configs(config: Config) -> list[dict]:
         return [{"partition-id": 0, "num-partitions": 1, **own}]
     n = config.federation.num_clients
     return [{"partition-id": i, "num-partitions": n, **own} for i in range(n)]
-
-
-def quiet_flower_logs() -> None:
-    """Flower logs every sampling step at INFO; the progress bar and metrics.jsonl say it better."""
-    import logging
-
-    import flwr.serverapp  # noqa: F401  (Flower sets its logger to DEBUG on import: import first, then quiet it)
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
 def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
