@@ -175,3 +175,11 @@ def load_config_text(text: str):
 def test_a_bad_owner_entry_is_refused_naming_its_key(owner, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         config_from_dict({"federation": {"clients": [{"families": [{"name": "sub"}]}, owner]}})
+
+
+def test_trl_loss_options_are_checked_by_key():
+    with pytest.raises(ConfigError, match=r"grpo\.delta"):
+        config_from_dict({"grpo": {"delta": 0.9}})
+    with pytest.raises(ConfigError, match=r"grpo\.importance_sampling_level"):
+        config_from_dict({"grpo": {"importance_sampling_level": "seq"}})
+    assert config_from_dict({"grpo": {"importance_sampling_level": "sequence"}}).grpo.delta is None

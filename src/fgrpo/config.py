@@ -256,6 +256,13 @@ class GRPOConfig(Section):
     share_prompt_prefix: bool = Field(
         True, description="Score each prompt once for its G completions (KV cache); off = one full pass per row."
     )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Policy ratio per token, or one per completion from its mean log-ratio (GSPO), as in TRL."
+    )
+    delta: float | None = Field(
+        None, gt=1, description="Upper bound of the unclipped ratio too (two-sided clipping, as TRL's delta); "
+        "None = off. TRL recommends delta > 1 + epsilon_high."
+    )
 
     @property
     def effective_epsilon_high(self) -> float:

@@ -22,7 +22,10 @@ from fgrpo.core.grpo import (
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 
 
-def trl_loss(log_probs, old_log_probs, advantages, mask, *, loss_type, beta, eps_low, eps_high, ref, max_len):
+def trl_loss(
+    log_probs, old_log_probs, advantages, mask, *, loss_type, beta, eps_low, eps_high, ref, max_len,
+    importance_sampling_level="token", delta=None,
+):
     """Call TRL's real loss code with a stand-in trainer whose model returns `log_probs`."""
 
     class Accelerator:
@@ -43,9 +46,9 @@ def trl_loss(log_probs, old_log_probs, advantages, mask, *, loss_type, beta, eps
         _get_per_token_logps_and_entropies=lambda *a, **k: (log_probs, torch.zeros_like(log_probs), None),
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=importance_sampling_level,
         beta=beta,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=1),
         loss_type=loss_type,
         epsilon_low=eps_low,
         epsilon_high=eps_high,
@@ -113,6 +116,30 @@ def test_loss_and_gradient_match_trl(loss_type, beta, use_old):
     assert torch.allclose(ours, theirs, atol=1e-6), (float(ours), float(theirs))
     assert torch.allclose(our_grad, their_grad, atol=1e-6)
     assert ours.abs() > 0  # a non-trivial case
+
+
+@pytest.mark.parametrize(
+    "loss_type,level,delta", list(itertools.product(LOSS_TYPES, ["token", "sequence"], [None, 1.05]))
+)
+def test_gspo_and_two_sided_clipping_match_trl(loss_type, level, delta):
+    """TRL 1.16's importance_sampling_level = "sequence" (GSPO) and delta, on the same tensors (with KL on)."""
+    log_probs, old, ref, advantages, mask = random_case(11)
+    ours = grpo_loss(
+        log_probs, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.28, beta=0.04, ref_log_probs=ref,
+        loss_type=loss_type, max_completion_length=5, importance_sampling_level=level, delta=delta,
+    ).loss
+    (our_grad,) = torch.autograd.grad(ours, log_probs)
+    theirs = trl_loss(
+        log_probs, old, advantages, mask, loss_type=loss_type, beta=0.04, eps_low=0.2, eps_high=0.28, ref=ref,
+        max_len=5, importance_sampling_level=level, delta=delta,
+    )
+    (their_grad,) = torch.autograd.grad(theirs, log_probs)
+    assert torch.allclose(ours, theirs, atol=1e-6), (float(ours), float(theirs))
+    assert torch.allclose(our_grad, their_grad, atol=1e-6)
+    plain = grpo_loss(log_probs, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.28, beta=0.04,
+                      ref_log_probs=ref, loss_type=loss_type, max_completion_length=5).loss
+    if (level, delta) != ("token", None):
+        assert not torch.isclose(ours, plain)  # the option changes the loss on this case
 
 
 def test_hand_computed_clipped_regions():

@@ -164,19 +164,32 @@ def grpo_loss(
     loss_type: LossType = "dapo",
     max_completion_length: int = 16,
     num_items_in_batch: float | None = None,
+    importance_sampling_level: Literal["token", "sequence"] = "token",
+    delta: float | None = None,
 ) -> LossOutput:
     """The clipped policy-ratio objective of GRPO with an optional k3 KL penalty.
 
-    per-token loss = −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) + β·KL,
-    ρ = exp(log π − log π_old). With one optimisation pass per batch
-    (num_iterations = 1) ρ ≡ 1 and only the gradient of ρ matters.
+    per-token loss = −min(min(ρ, δ)·A, clip(ρ, 1−ε_low, 1+ε_high)·A) + β·KL,
+    ρ = exp(log π − log π_old) per token, or (GSPO, importance_sampling_level =
+    "sequence") one ρ per completion: exp of the mean log-ratio over its tokens.
+    δ (`delta`, None = off) caps the unclipped ratio too: two-sided clipping, as
+    TRL's `delta`. With one optimisation pass per batch (num_iterations = 1)
+    ρ ≡ 1 and only the gradient of ρ matters. Matches TRL 1.16's
+    `GRPOTrainer._compute_loss` (tests/core/test_grpo.py).
     """
     if old_log_probs is None:
         old_log_probs = log_probs.detach()
     adv = advantages.unsqueeze(1)  # (N, 1)
-    ratio = torch.exp(log_probs - old_log_probs)  # (N, T)
+    log_ratio = log_probs - old_log_probs  # (N, T)
+    if importance_sampling_level == "sequence":
+        mask_f = mask.to(log_ratio.dtype)
+        log_ratio = ((log_ratio * mask_f).sum(-1) / mask_f.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (N, 1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio).expand_as(log_probs)  # (N, T)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token_loss = -torch.min(ratio * adv, clipped_ratio * adv)  # (N, T)
+    unclipped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token_loss = -torch.min(unclipped_ratio * adv, clipped_ratio * adv)  # (N, T)
 
     kl_mean = 0.0
     if beta != 0.0:

@@ -197,6 +197,8 @@ class GRPOLearner:
                 ref_log_probs=ref_log_probs,
                 loss_type=cfg.loss_type,
                 max_completion_length=cfg.max_completion_length,
+                importance_sampling_level=cfg.importance_sampling_level,
+                delta=cfg.delta,
             )
             loss = out.loss
             if proximal is not None and proximal.mu > 0:
