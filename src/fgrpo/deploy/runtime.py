@@ -103,6 +103,12 @@ def run_simulation(
     from fgrpo.federation.wire import CONFIG_KEY
     from fgrpo.federation.workers import WorkerPool
 
+    if config.runtime.backend == "ray":
+        from fgrpo.deploy.ray_runtime import require_ray, run_on_ray
+
+        require_ray()  # before the warm start: a missing extra is said at once
+        resolve_model_source(config.model, config.tasks)
+        return run_on_ray(config, node_configs(config), overwrite=overwrite, progress=progress, resume=resume)
     workers, threads = execution_plan(config)
     # The tiny model's warm start is built (and cached) here, once, not by every worker at the same time.
     resolve_model_source(config.model, config.tasks)
@@ -151,7 +157,7 @@ def run_comparison(
             for seed in seeds:
                 cell = with_method(config, method, seed, directory.path / method / f"seed{seed}")
                 plan = execution_plan(cell)
-                if plan[0] > 1 and plan not in pools:
+                if cell.runtime.backend == "inprocess" and plan[0] > 1 and plan not in pools:
                     pools[plan] = stack.enter_context(WorkerPool(*plan))
                 summaries.append(run_simulation(cell, progress=progress, pool=pools.get(plan)))
                 directory.commit()
