@@ -32,6 +32,7 @@ def thread_report(_: object) -> tuple[int, str | None]:
 
 
 app = ClientApp()
+dying_app = ClientApp()  # the same client, except that partition 1's process exits in train
 
 
 def _calls(context: Context) -> int:
@@ -41,6 +42,7 @@ def _calls(context: Context) -> int:
     return int(context.state["calls"]["train"])
 
 
+@dying_app.query()
 @app.query()
 def init(msg: Message, context: Context) -> Message:
     """θ₀ = zeros and a one-tensor layout, for the server's init query."""
@@ -58,9 +60,18 @@ def init(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """θ_k = θ + (pid + 1), n_k = 10·(pid + 1); the partition named by the run config's die-partition exits."""
+    return _train(msg, context, int(context.run_config.get(DIE_KEY, -1)))
+
+
+@dying_app.train()
+def train_or_die(msg: Message, context: Context) -> Message:
+    return _train(msg, context, 1)
+
+
+def _train(msg: Message, context: Context, die_partition: int) -> Message:
     pid = int(context.node_config["partition-id"])
     calls = _calls(context)
-    if pid == int(context.run_config.get(DIE_KEY, -1)):
+    if pid == die_partition:
         os._exit(3)
     arrays = {k: Array(v.numpy() + (pid + 1)) for k, v in msg.content[wire.ARRAYS].items()}
     metrics = {wire.CLIENT_ID: pid, wire.NUM_EXAMPLES: 10 * (pid + 1), wire.REWARD_MEAN: 0.5 * calls,
@@ -68,8 +79,11 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.ARRAYS: ArrayRecord(arrays), wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
+@dying_app.evaluate()
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     metrics = {wire.CLIENT_ID: pid, wire.NUM_EXAMPLES: 4, wire.ACC_HELDOUT: 0.25 * (pid + 1)}
+    metrics["run-config-keys"] = len(context.run_config)
+    metrics["server-data-allowed"] = int(bool(context.node_config.get("allow-server-data", False)))
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
