@@ -214,3 +214,19 @@ def test_supernodes_of_a_local_federation_share_the_cores(tmp_path, monkeypatch)
     federation = supervisor.LocalFederation(nodes, tmp_path)
     assert federation.threads == 2 and federation.env["OMP_NUM_THREADS"] == "2"
     assert supervisor.LocalFederation(nodes, tmp_path, threads=3).env["OMP_NUM_THREADS"] == "3"
+
+
+def test_runs_of_a_comparison_share_one_worker_pool(tmp_path, monkeypatch):
+    import fgrpo.core.threads as threads
+    from conftest import small_config_dict
+    from fgrpo.deploy.runtime import shared_pools, with_method
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    data = small_config_dict(tmp_path)
+    data["model"] = {**data["model"], "device": "cpu"}
+    data["runtime"] = {"workers": "auto", "threads": 1}
+    config = config_from_dict(data)
+    with shared_pools() as pool_for:
+        fgrpo, fedavg = (pool_for(with_method(config, m, 0, tmp_path / m)) for m in ("fgrpo", "fedavg"))
+        assert fgrpo is fedavg and (fgrpo.workers, fgrpo.threads) == (2, 1)  # started once, not per run
+        assert pool_for(with_method(config, "centralized", 0, tmp_path / "c")) is None  # one node: no workers

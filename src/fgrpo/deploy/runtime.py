@@ -123,6 +123,29 @@ def run_simulation(
         return run_federation(grid, config, Path(config.output.dir), progress=progress, overwrite=overwrite, resume=resume)
 
 
+@contextlib.contextmanager
+def shared_pools():
+    """`pool_for(config)`: worker pools shared by several runs (a comparison's cells, a tuning's trials).
+
+    One pool per (workers, threads), started when a run first needs it and stopped at the end,
+    so that workers start once, not once per run; None for a run without workers.
+    """
+    from fgrpo.federation.workers import WorkerPool
+
+    pools: dict[tuple[int, int], WorkerPool] = {}
+    with contextlib.ExitStack() as stack:
+
+        def pool_for(config: Config):
+            plan = execution_plan(config)
+            if config.runtime.backend != "inprocess" or plan[0] == 1:
+                return None
+            if plan not in pools:
+                pools[plan] = stack.enter_context(WorkerPool(*plan))
+            return pools[plan]
+
+        yield pool_for
+
+
 def with_method(config: Config, method: str, seed: int, output_dir: Path) -> Config:
     """A copy of `config` for one cell of a comparison, with the method's tuned values (`fgrpo tune`) applied."""
     from fgrpo.config import apply_tuned
@@ -145,10 +168,7 @@ def run_comparison(
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     # An earlier comparison in out_dir is replaced whole (no stale method rows),
     # and only once the first cell of this one has finished.
-    from fgrpo.federation.workers import WorkerPool
-
-    pools: dict[tuple[int, int], WorkerPool] = {}  # one pool per (workers, threads): started once, not per cell
-    with run_directory(out_dir, overwrite=overwrite, kind="comparison") as directory, contextlib.ExitStack() as stack:
+    with run_directory(out_dir, overwrite=overwrite, kind="comparison") as directory, shared_pools() as pool_for:
         (directory.path / "compare.json").write_text(
             json.dumps({"methods": methods, "seeds": seeds, "scenario": config.output.dir}, indent=2)
         )
@@ -156,9 +176,6 @@ def run_comparison(
         for method in methods:
             for seed in seeds:
                 cell = with_method(config, method, seed, directory.path / method / f"seed{seed}")
-                plan = execution_plan(cell)
-                if cell.runtime.backend == "inprocess" and plan[0] > 1 and plan not in pools:
-                    pools[plan] = stack.enter_context(WorkerPool(*plan))
-                summaries.append(run_simulation(cell, progress=progress, pool=pools.get(plan)))
+                summaries.append(run_simulation(cell, progress=progress, pool=pool_for(cell)))
                 directory.commit()
     return summaries
