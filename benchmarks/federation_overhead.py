@@ -45,6 +45,9 @@ def job(method: str, out: Path, clients: int, local_steps: int, rounds: int):
                 "eval_every": 10**6,
                 "partition": {"scheme": "iid"},
             },
+            # Clients one after another, as the centralized run's steps: this measures federation's plumbing
+            # at equal work (benchmarks/parallel_clients.py measures running them at once).
+            "runtime": {"workers": 1},
             "output": {"dir": str(out), "save_adapter": False},
         },
     )

@@ -35,6 +35,9 @@ def small_config_dict(tmp: Path, **sections) -> dict:
         "grpo": {"num_generations": 4, "max_completion_length": 4},
         "training": {"steps": 2, "prompts_per_step": 2, "eval_every": 0, "eval_pass_k": 2},
         "federation": {"num_clients": 2, "rounds": 2, "local_steps": 1, "min_train_clients": 2},
+        # Clients one after another in the test process: starting worker processes costs seconds per run;
+        # tests/deploy/test_runtime.py runs the same scenario on workers and checks it gives the same result.
+        "runtime": {"workers": 1},
         "output": {"dir": str(tmp / "run")},
     }
     for key, value in sections.items():

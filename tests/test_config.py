@@ -125,6 +125,12 @@ def test_a_utf8_bom_is_accepted_and_a_directory_is_named_as_one(tmp_path):
         ({"tasks": {"families": [{"name": "add", "reward_scale": [0.0, 1e30]}]}}, "tasks.families[0].reward_scale"),
         ({"tasks": {"train_per_family": 100_000_000}}, "tasks.train_per_family"),
         ({"federation": {"num_clients": 2, "min_train_clients": 3}}, "min_train_clients"),
+        ({"runtime": {"workers": 0}}, "runtime.workers"),
+        ({"runtime": {"workers": "many"}}, "runtime.workers"),
+        ({"runtime": {"threads": 1.5}}, "runtime.threads"),
+        ({"runtime": {"threads": True}}, "runtime.threads"),
+        ({"runtime": {"backend": "dask"}}, "runtime.backend"),
+        ({"runtime": {"num_gpus_per_client": 2}}, "runtime.num_gpus_per_client"),
     ],
 )
 def test_values_that_used_to_fail_deep_inside_a_library_are_refused_by_key(data, key):
@@ -183,3 +189,7 @@ def test_trl_loss_options_are_checked_by_key():
     with pytest.raises(ConfigError, match=r"grpo\.importance_sampling_level"):
         config_from_dict({"grpo": {"importance_sampling_level": "seq"}})
     assert config_from_dict({"grpo": {"importance_sampling_level": "sequence"}}).grpo.delta is None
+def test_runtime_counts_are_auto_or_whole_numbers_also_from_command_line_text():
+    runtime = config_from_dict({"runtime": {"workers": "2", "threads": "auto"}}).runtime
+    assert (runtime.workers, runtime.threads) == (2, "auto")
+    assert (Config().runtime.workers, Config().runtime.threads) == ("auto", "auto")

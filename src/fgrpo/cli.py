@@ -52,7 +52,7 @@ def friendly_errors(command):
     return wrapper
 
 
-def _load(config: Path, set_values: list[str] | None, output: Optional[Path]):
+def _load(config: Path, set_values: list[str] | None, output: Optional[Path], runtime: dict | None = None):
     from fgrpo.config import deep_merge, load_config, parse_override
 
     overrides: dict = {}
@@ -60,10 +60,23 @@ def _load(config: Path, set_values: list[str] | None, output: Optional[Path]):
         overrides = deep_merge(overrides, parse_override(text))
     if output is not None:
         overrides = deep_merge(overrides, {"output": {"dir": str(output)}})
+    if runtime:
+        overrides = deep_merge(overrides, {"runtime": runtime})
     return load_config(config, overrides)
 
 
 SET_HELP = "Override a config value, e.g. --set grpo.beta=0.04 (repeatable)."
+WORKERS_HELP = (
+    "Worker processes that run a round's clients at once (runtime.workers): 'auto' = min(cores, clients), "
+    "1 = one after another in this process."
+)
+THREADS_HELP = "Torch threads per client process (runtime.threads): 'auto' = cores // workers."
+
+
+def _runtime(workers: Optional[str], threads: Optional[str], backend: Optional[str] = None) -> dict:
+    """The --workers / --threads / --runtime flags as a [runtime] override (validated with the config)."""
+    given = {"workers": workers, "threads": threads, "backend": backend}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _is_loopback(host: str) -> bool:
@@ -108,13 +121,18 @@ def run(
         None, "--resume", help="Continue the run in this directory from its last checkpoint (same config)."
     ),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    workers: Optional[str] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    threads: Optional[str] = typer.Option(None, "--threads", help=THREADS_HELP),
+    runtime: Optional[str] = typer.Option(
+        None, "--runtime", help="'inprocess' (default) or 'ray': Flower's simulation engine (pip install 'fgrpo[ray]')."
+    ),
 ):
-    """One federated experiment, in-process (ServerApp + ClientApp on an in-process grid)."""
+    """One federated experiment, in-process (ServerApp + ClientApp on an in-process grid, clients in worker processes)."""
     from fgrpo.deploy.runtime import run_simulation
 
     if resume is not None and (overwrite or output is not None):
         raise ConfigError("--resume continues RUN_DIR in place; it cannot be combined with --overwrite or --output")
-    cfg = _load(config, set_values, resume if resume is not None else output)
+    cfg = _load(config, set_values, resume if resume is not None else output, _runtime(workers, threads, runtime))
     summary = run_simulation(cfg, overwrite=overwrite, progress=not quiet, resume=resume is not None)
     console.print(
         f"{summary['method']}: global held-out accuracy {summary['initial/acc_heldout']:.1%} → "
@@ -172,12 +190,14 @@ def compare(
     overwrite: bool = typer.Option(False, help="Replace an existing comparison directory."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     report_target: Optional[float] = typer.Option(None, "--target", help="Target accuracy for rounds-to-target."),
+    workers: Optional[str] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    threads: Optional[str] = typer.Option(None, "--threads", help=THREADS_HELP),
 ):
     """The same scenario under each method and seed, then a comparison report."""
     from fgrpo.reporting.report import write_report
     from fgrpo.deploy.runtime import run_comparison
 
-    cfg = _load(config, set_values, output)
+    cfg = _load(config, set_values, output, _runtime(workers, threads))
     out_dir = Path(cfg.output.dir)
     run_comparison(cfg, _split(methods), list(range(seeds)), out_dir, overwrite=overwrite, progress=not quiet)
     path = write_report(out_dir, target=report_target)
@@ -192,6 +212,8 @@ def quickstart(
     methods: str = typer.Option("fgrpo,fedavg,centralized", help="Comma-separated methods."),
     overwrite: bool = typer.Option(True, help="Replace an earlier quickstart."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    workers: Optional[str] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    threads: Optional[str] = typer.Option(None, "--threads", help=THREADS_HELP),
 ):
     """The shipped demo: 4 non-IID owners (skewed mixes of 3 task families on different reward scales), FGRPO vs FedAvg vs centralized."""
     from importlib.resources import files
@@ -201,7 +223,8 @@ def quickstart(
     from fgrpo.deploy.runtime import run_comparison
 
     scenario = files("fgrpo") / "scenarios" / "quickstart.toml"
-    cfg = load_config(Path(str(scenario)), {"output": {"dir": str(output)}})
+    runtime = _runtime(workers, threads)
+    cfg = load_config(Path(str(scenario)), {"output": {"dir": str(output)}, **({"runtime": runtime} if runtime else {})})
     run_comparison(cfg, _split(methods), list(range(seeds)), output, overwrite=overwrite, progress=not quiet)
     path = write_report(output)
     console.print(f"quickstart done: report in {path}")
@@ -402,8 +425,11 @@ def flower_launch(
     resolve_model_source(cfg.model, cfg.tasks)  # build the tiny model's warm start once, not in every ClientApp
     work = work_dir or output.parent / f"{output.name}-flower"
     try:
-        with LocalFederation(node_configs(cfg), work, tls=tls, supernode_auth=auth) as federation:
-            console.print(f"SuperLink on {federation.address}, {len(federation.node_configs)} SuperNodes; logs in {work}")
+        with LocalFederation(node_configs(cfg), work, tls=tls, supernode_auth=auth, threads=cfg.runtime.threads) as federation:
+            console.print(
+                f"SuperLink on {federation.address}, {len(federation.node_configs)} SuperNodes "
+                f"({federation.threads} torch thread{'s' if federation.threads != 1 else ''} each); logs in {work}"
+            )
             wall = federation.run(cfg, output, app, timeout_s=timeout)
     except BaseException:
         if not has_checkpoint(output):  # the run never started cleanly: leave no half-made folder behind

@@ -12,9 +12,9 @@ import difflib
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fgrpo.errors import ConfigError
 from fgrpo.registry import METHODS
@@ -479,6 +479,47 @@ class TunedMethod(Section):
         return f"{self.trials} trials × {seeds} seed{'s' if seeds != 1 else ''} × {self.rounds} rounds on validation"
 
 
+def check_count_or_auto(value: Any) -> Any:
+    """'auto' or a whole number >= 1 (also from a command-line string such as '2')."""
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("must be 'auto' or a whole number >= 1")
+    return value
+
+
+CountOrAuto = Annotated[Union[int, Literal["auto"]], BeforeValidator(check_count_or_auto)]
+
+
+class RuntimeConfig(Section):
+    """Where a run's clients execute and how many cores each may use (speed only: results stay the same
+    at a fixed thread count; a different thread count can change float rounding, hence sampled tokens)."""
+
+    backend: Literal["inprocess", "ray"] = Field(
+        "inprocess",
+        description="'inprocess': the embedded runtime (this process plus `workers` worker processes); "
+        "'ray': Flower's simulation engine, one Ray actor per client at a time (pip install 'fgrpo[ray]').",
+    )
+    workers: CountOrAuto = Field(
+        "auto",
+        description="In-process runtime: worker processes that run a round's clients at once; 'auto' = "
+        "min(cores, clients in a round) on CPU, 1 on a GPU; 1 = one client after another in this process.",
+    )
+    threads: CountOrAuto = Field(
+        "auto",
+        description="Torch threads of each process that runs clients; 'auto' = cores // concurrent clients "
+        "(at most OMP_NUM_THREADS when set), so that workers × threads ≤ cores.",
+    )
+    num_cpus_per_client: float = Field(
+        1.0, gt=0, description="Ray: CPUs reserved for each client actor (Flower's client_resources num_cpus)."
+    )
+    num_gpus_per_client: float = Field(
+        0.0, ge=0, le=1, description="Ray: share of a GPU per client actor, e.g. 0.25 = four clients per GPU (num_gpus)."
+    )
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/latest", description="Results directory.")
     save_adapter: bool = Field(True, description="Save the final trainable weights.")
@@ -491,6 +532,7 @@ class Config(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tuned: dict[str, TunedMethod] = Field(
         default_factory=dict, description="Per-method hyperparameters chosen by `fgrpo tune` on validation prompts."

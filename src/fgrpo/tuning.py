@@ -76,7 +76,7 @@ def tune_method(
     """Best values for `method` by final validation accuracy (mean over `seeds`) in `trials` runs."""
     import optuna
 
-    from fgrpo.deploy.runtime import run_simulation
+    from fgrpo.deploy.runtime import run_simulation, shared_pools
 
     if method not in SEARCH_SPACES:
         raise ConfigError(f"fgrpo tune: unknown method '{method}'; choose from {', '.join(SEARCH_SPACES)}")
@@ -94,12 +94,13 @@ def tune_method(
         scores = []
         for seed in seeds:
             cell = trial_config(base, method, seed, values, out_dir / method / f"trial{trial.number}" / f"seed{seed}")
-            summary = run_simulation(cell, progress=progress)
+            summary = run_simulation(cell, progress=progress, pool=pool_for(cell))
             scores.append(summary["final/acc_heldout"])
         finite = [s for s in scores if s is not None and math.isfinite(s)]
         return sum(finite) / len(finite) if len(finite) == len(scores) else -math.inf
 
-    study.optimize(objective, n_trials=trials)
+    with shared_pools() as pool_for:  # the workers start once for all trials
+        study.optimize(objective, n_trials=trials)
     best = study.best_trial
     return TunedMethod(
         values={key: float(value) for key, value in best.params.items()},

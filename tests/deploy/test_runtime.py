@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 import pytest
 
 from fgrpo.config import METHODS, config_from_dict
@@ -127,3 +129,104 @@ def test_noise_aware_fgrpo_gains_run_end_to_end_and_log_finite_gains(tmp_path, g
     run_simulation(config_from_dict(data), progress=False)
     gains = [r["agg/gain"] for r in records(tmp_path / "run") if r["kind"] == "client" and "agg/gain" in r]
     assert len(gains) == 4 and all(math.isfinite(g) for g in gains)
+
+
+# ---------------------------------------------------------------------- workers and threads
+
+
+def test_execution_plan_splits_the_cores(tmp_path, monkeypatch):
+    from conftest import small_config_dict
+
+    import fgrpo.core.threads as threads
+    from fgrpo.deploy.runtime import execution_plan
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+
+    def plan(**sections):
+        data = small_config_dict(tmp_path, **sections)
+        data["runtime"] = sections.get("runtime", {})
+        return execution_plan(config_from_dict(data))
+
+    cpu = {"device": "cpu"}
+    four = {"num_clients": 4, "min_train_clients": 1}
+    assert plan(model=cpu, federation=four) == (2, 1)  # the quickstart's shape on a 2-core laptop
+    assert plan(model=cpu, federation={**four, "method": "centralized"}) == (1, 2)  # one node: one worker, every core
+    assert plan(model=cpu, federation=four, runtime={"workers": 1}) == (1, 2)
+    assert plan(model=cpu, federation=four, runtime={"workers": 8}) == (4, 1)  # never more workers than nodes
+    assert plan(model=cpu, federation=four, runtime={"threads": 2}) == (2, 2)  # the user's explicit choice
+    assert plan(model={"device": "cuda"}, federation=four) == (1, 2)  # a GPU: one process holds the model
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert plan(model=cpu, federation=four, runtime={"workers": 1}) == (1, 1)  # the user's budget is honoured
+
+
+@pytest.mark.slow
+def test_two_workers_give_the_same_adapter_and_metrics_as_one(tmp_path):
+    """The clients of a round run in two worker processes: same seed, same final adapter and metrics."""
+    from safetensors.numpy import load_file
+
+    from conftest import small_config_dict
+
+    def run(workers: int):
+        data = small_config_dict(tmp_path / f"w{workers}")
+        data["federation"] = {**data["federation"], "rounds": 2, "local_steps": 2, "keep_optimizer_state": True}
+        data["runtime"] = {"workers": workers, "threads": 1}  # one thread both ways: the same float reductions
+        run_simulation(config_from_dict(data), progress=False)
+        run_dir = tmp_path / f"w{workers}" / "run"
+        return load_file(str(run_dir / "adapter" / "adapter_model.safetensors")), records(run_dir)
+
+    (adapter1, records1), (adapter2, records2) = run(1), run(2)
+    assert sorted(adapter1) == sorted(adapter2)
+    for name in adapter1:
+        np.testing.assert_allclose(adapter2[name], adapter1[name], rtol=1e-6, atol=1e-7)
+
+    def results(rs):
+        return [{k: v for k, v in r.items() if not k.endswith("_s") and not k.startswith("time/")} for r in rs if r["kind"] in ("round", "client")]
+
+    assert results(records2) == results(records1)
+    assert any(not np.allclose(adapter1[name], 0) for name in adapter1 if "lora_B" in name)  # training moved the adapter
+
+
+def test_the_clientapp_takes_its_thread_budget_at_first_use(tmp_path):
+    import torch
+
+    from conftest import small_config_dict
+    from fgrpo.config import dump_config
+    from fgrpo.federation.clientapp import _shared_learner
+
+    data = small_config_dict(tmp_path)
+    data["runtime"] = {"threads": 1}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _shared_learner(dump_config(config_from_dict(data)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_supernodes_of_a_local_federation_share_the_cores(tmp_path, monkeypatch):
+    import fgrpo.deploy.supervisor as supervisor
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(supervisor, "available_cores", lambda: 8)
+    nodes = [{"partition-id": i, "num-partitions": 4} for i in range(4)]
+    federation = supervisor.LocalFederation(nodes, tmp_path)
+    assert federation.threads == 2 and federation.env["OMP_NUM_THREADS"] == "2"
+    assert supervisor.LocalFederation(nodes, tmp_path, threads=3).env["OMP_NUM_THREADS"] == "3"
+
+
+def test_runs_of_a_comparison_share_one_worker_pool(tmp_path, monkeypatch):
+    import fgrpo.core.threads as threads
+    from conftest import small_config_dict
+    from fgrpo.deploy.runtime import shared_pools, with_method
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    data = small_config_dict(tmp_path)
+    data["model"] = {**data["model"], "device": "cpu"}
+    data["runtime"] = {"workers": "auto", "threads": 1}
+    config = config_from_dict(data)
+    with shared_pools() as pool_for:
+        fgrpo, fedavg = (pool_for(with_method(config, m, 0, tmp_path / m)) for m in ("fgrpo", "fedavg"))
+        assert fgrpo is fedavg and (fgrpo.workers, fgrpo.threads) == (2, 1)  # started once, not per run
+        assert pool_for(with_method(config, "centralized", 0, tmp_path / "c")) is None  # one node: no workers

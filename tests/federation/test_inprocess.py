@@ -207,3 +207,77 @@ def test_an_error_inside_every_client_reaches_the_user_once(tmp_path, caplog):
     assert str(info.value).count("data.jsonl line 3") == 1 and "6 nodes" in str(info.value)
     assert "ValueError: data.jsonl line 3: invalid JSON" in str(info.value)  # not Flower's "<class '...'>:<'...'>"
     assert [r for r in caplog.records if r.levelno >= logging.WARNING and "data.jsonl" in r.getMessage()] == []
+
+
+# ---------------------------------------------------------------------- worker processes
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from fgrpo.federation.workers import WorkerPool
+
+    with WorkerPool(2, 1) as workers:
+        yield workers
+
+
+def toy_grid(n: int = 3, pool=None, **run_config) -> InProcessGrid:
+    nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    return InProcessGrid("worker_apps:app", nodes, run_config=run_config, pool=pool)
+
+
+def test_a_worker_pool_runs_the_same_rounds_as_this_process(pool):
+    import os
+    import random
+
+    sequential, parallel = toy_grid(), toy_grid(pool=pool)
+    results = []
+    for grid in (sequential, parallel):
+        random.seed(0)  # Flower samples nodes with `random`: the same order both times
+        results.append(FedAvg(min_available_nodes=3).start(grid, INITIAL, num_rounds=2))
+    for name in INITIAL:
+        np.testing.assert_array_equal(results[0].arrays[name].numpy(), results[1].arrays[name].numpy())
+    assert results[1].train_metrics_clientapp[2]["reward-mean"] == pytest.approx(1.0)  # 0.5 × the node's 2nd call
+    for grid in (sequential, parallel):  # each node's state survived both rounds
+        assert sorted(int(c.state["calls"]["train"]) for c in grid.contexts.values()) == [2, 2, 2]
+    assert sorted(e[2:] for e in sequential.traffic_log) == sorted(e[2:] for e in parallel.traffic_log)  # same bytes
+    node = next(iter(parallel.get_node_ids()))
+    message = Message(RecordDict({"arrays": INITIAL, "config": ConfigRecord({"server-round": 3})}), node, "train")
+    (reply,) = parallel.send_and_receive([message])
+    assert reply.content["metrics"]["worker-pid"] != os.getpid()  # it ran in a worker
+
+
+def test_a_node_whose_worker_dies_gets_a_crash_reply_and_the_round_goes_on(pool):
+    grid = toy_grid(pool=pool, **{"die-partition": 1})
+    result = FedAvg(min_available_nodes=3).start(grid, INITIAL, num_rounds=2)
+    # only partitions 0 and 2: (10·1 + 30·3) / 40 = 2.5 per round
+    np.testing.assert_allclose(result.arrays["lora_A"].numpy(), np.full(SHAPE, 5.0), rtol=1e-6)
+    contexts = by_partition(grid)
+    assert "calls" not in contexts[1].state and int(contexts[0].state["calls"]["train"]) == 2
+    message = Message(RecordDict({"arrays": INITIAL, "config": ConfigRecord({"server-round": 3})}), contexts[1].node_id, "train")
+    (reply,) = grid.send_and_receive([message])
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_CRASHED
+    assert "worker process" in reply.error.reason
+
+
+def test_a_dead_worker_is_a_failed_client_in_the_server_loop(pool, tmp_path):
+    import json
+
+    from fgrpo.config import config_from_dict
+    from fgrpo.federation.server import run_federation
+
+    config = config_from_dict({"federation": {"method": "fedavg", "num_clients": 3, "rounds": 2, "min_train_clients": 1},
+                               "output": {"dir": str(tmp_path / "run")}})
+    summary = run_federation(toy_grid(pool=pool, **{"die-partition": 2}), config, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    failures = [r for r in records if r["kind"] == "failure"]
+    assert [r["round"] for r in failures] == [1, 2] and all("worker process" in r["reason"] for r in failures)
+    rounds = [r for r in records if r["kind"] == "round" and r["round"] > 0]
+    assert [(r["clients/failed"], r["clients/aggregated"]) for r in rounds] == [(1, 2), (1, 2)]
+    assert summary["rounds"] == 2
+
+
+def test_a_pool_needs_the_client_apps_reference(pool):
+    with pytest.raises(FederationError, match="module:attribute"):
+        InProcessGrid(make_app(), [{"partition-id": 0}], pool=pool)
+    with pytest.raises(ConfigError, match="no_such_module"):
+        InProcessGrid("no_such_module:app", [{"partition-id": 0}])

@@ -141,3 +141,10 @@ def test_compare_overwrite_replaces_the_whole_comparison(tmp_path):
     report = (out / "report" / "report.md").read_text() if (out / "report" / "report.md").exists() else ""
     rows = [line for line in report.splitlines() if line.startswith("| local")]
     assert rows == []
+
+
+def test_cli_workers_and_threads_flags_are_checked_as_runtime_keys(tmp_path):
+    config = write_config(tmp_path)
+    for flags, key in ((["--workers", "0"], "runtime.workers"), (["--threads", "lots"], "runtime.threads")):
+        result = CliRunner().invoke(app, ["run", str(config), "-o", str(tmp_path / "out"), "--quiet", *flags])
+        assert result.exit_code == 2 and "Traceback" not in result.output and key in result.output

@@ -1,18 +1,25 @@
 """Run modes: one federated experiment in-process (the default), and comparisons of methods × seeds.
 
 The in-process runtime hands the very ClientApp and federation loop that run
-on Flower to an in-process Grid: no Ray, no sockets, one model in memory.
+on Flower to an in-process Grid: no Ray, no sockets. A round's clients run at
+once in `runtime.workers` worker processes (each with its own model), or one
+after another in this process when there is one worker; every process gets
+`runtime.threads` torch threads, so that workers × threads ≤ cores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from fgrpo.config import Config, dump_config
+from fgrpo.config import Config, ModelConfig, dump_config
 from fgrpo.errors import ConfigError
 from fgrpo.reporting.noise import quiet_flower_logs
 from fgrpo.reporting.results import run_directory
+
+# The ClientApp by its Flower reference (as in pyproject.toml's [tool.flwr.app.components]): workers import it.
+CLIENT_APP = "fgrpo.federation.clientapp:client_app"
 
 
 def node_configs(config: Config) -> list[dict]:
@@ -29,17 +36,106 @@ def node_configs(config: Config) -> list[dict]:
     return [{"partition-id": i, "num-partitions": n, **own} for i in range(n)]
 
 
-def run_simulation(config: Config, *, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
-    """Run one federated experiment in this process (or continue it from its checkpoint); returns the summary."""
+def uses_gpu(model: ModelConfig) -> bool:
+    """Whether the policy trains on an accelerator (then CPU cores do not decide how many clients run at once)."""
+    if model.device == "cpu":
+        return False
+    if model.device != "auto":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def execution_plan(config: Config) -> tuple[int, int]:
+    """(worker processes, torch threads each) for an in-process run of `config`: workers × threads ≤ cores.
+
+    "auto" workers: min(cores, the clients a round reaches), 1 on a GPU (each worker
+    would hold its own copy of the model there; Ray's fractional GPUs share one).
+    """
+    from fgrpo.core.threads import available_cores, env_thread_budget, resolve_workers, threads_per_worker
+
+    cores, nodes = available_cores(), len(node_configs(config))
+    runtime = config.runtime
+    if runtime.workers == "auto" and uses_gpu(config.model):
+        workers = 1
+    else:
+        workers = min(nodes, resolve_workers(runtime.workers, nodes, cores))
+    return workers, threads_per_worker(workers, cores, runtime.threads, env_thread_budget())
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """This process runs with `threads` torch threads for the block, then as before."""
+    import torch
+
+    from fgrpo.core.threads import apply_threads
+
+    before = torch.get_num_threads()
+    apply_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_simulation(
+    config: Config, *, overwrite: bool = False, progress: bool = True, resume: bool = False, pool=None
+) -> dict:
+    """Run one federated experiment in this process (or continue it from its checkpoint); returns the summary.
+
+    With more than one worker (`execution_plan`), the clients run in worker processes:
+    `pool` (a `WorkerPool` the caller owns, e.g. shared by a comparison's runs) or a
+    pool started for this run and stopped at its end.
+    """
     quiet_flower_logs()
-    from fgrpo.federation.clientapp import client_app
-    from fgrpo.federation.wire import CONFIG_KEY
+    from fgrpo.core.pipeline import resolve_model_source
     from fgrpo.federation.inprocess import InProcessGrid
     from fgrpo.federation.server import run_federation
+    from fgrpo.federation.wire import CONFIG_KEY
+    from fgrpo.federation.workers import WorkerPool
 
+    if config.runtime.backend == "ray":
+        from fgrpo.deploy.ray_runtime import require_ray, run_on_ray
+
+        require_ray()  # before the warm start: a missing extra is said at once
+        resolve_model_source(config.model, config.tasks)
+        return run_on_ray(config, node_configs(config), overwrite=overwrite, progress=progress, resume=resume)
+    workers, threads = execution_plan(config)
+    # The tiny model's warm start is built (and cached) here, once, not by every worker at the same time.
+    resolve_model_source(config.model, config.tasks)
     run_config = {CONFIG_KEY: dump_config(config)}
-    grid = InProcessGrid(client_app, node_configs(config), run_config=run_config)
-    return run_federation(grid, config, Path(config.output.dir), progress=progress, overwrite=overwrite, resume=resume)
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            pool = None
+            stack.enter_context(torch_threads(threads))
+        elif pool is None:
+            pool = stack.enter_context(WorkerPool(workers, threads))
+        grid = InProcessGrid(CLIENT_APP, node_configs(config), run_config=run_config, pool=pool)
+        return run_federation(grid, config, Path(config.output.dir), progress=progress, overwrite=overwrite, resume=resume)
+
+
+@contextlib.contextmanager
+def shared_pools():
+    """`pool_for(config)`: worker pools shared by several runs (a comparison's cells, a tuning's trials).
+
+    One pool per (workers, threads), started when a run first needs it and stopped at the end,
+    so that workers start once, not once per run; None for a run without workers.
+    """
+    from fgrpo.federation.workers import WorkerPool
+
+    pools: dict[tuple[int, int], WorkerPool] = {}
+    with contextlib.ExitStack() as stack:
+
+        def pool_for(config: Config):
+            plan = execution_plan(config)
+            if config.runtime.backend != "inprocess" or plan[0] == 1:
+                return None
+            if plan not in pools:
+                pools[plan] = stack.enter_context(WorkerPool(*plan))
+            return pools[plan]
+
+        yield pool_for
 
 
 def with_method(config: Config, method: str, seed: int, output_dir: Path) -> Config:
@@ -64,7 +160,7 @@ def run_comparison(
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     # An earlier comparison in out_dir is replaced whole (no stale method rows),
     # and only once the first cell of this one has finished.
-    with run_directory(out_dir, overwrite=overwrite, kind="comparison") as directory:
+    with run_directory(out_dir, overwrite=overwrite, kind="comparison") as directory, shared_pools() as pool_for:
         (directory.path / "compare.json").write_text(
             json.dumps({"methods": methods, "seeds": seeds, "scenario": config.output.dir}, indent=2)
         )
@@ -72,6 +168,6 @@ def run_comparison(
         for method in methods:
             for seed in seeds:
                 cell = with_method(config, method, seed, directory.path / method / f"seed{seed}")
-                summaries.append(run_simulation(cell, progress=progress))
+                summaries.append(run_simulation(cell, progress=progress, pool=pool_for(cell)))
                 directory.commit()
     return summaries

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fgrpo.config import Config
+from fgrpo.core.threads import Threads, available_cores, env_thread_budget, thread_env, threads_per_worker
 from fgrpo.errors import FederationError
 from fgrpo.deploy.commands import (
     CONNECTION,
@@ -48,6 +49,10 @@ class LocalFederation:
     `close()` (also on error, as a context manager) ends each process with
     everything it spawned: SuperExec, ServerApp and ClientApp processes, which
     Flower starts in sessions of their own. Logs go to `work_dir`.
+
+    The N SuperNodes share this machine's cores: each gets a thread budget
+    (OMP_NUM_THREADS, which its ClientApp processes inherit and honour) of
+    `threads`, by default "auto" = cores // N, so they never oversubscribe.
     """
 
     def __init__(
@@ -58,12 +63,15 @@ class LocalFederation:
         tls: bool = False,
         supernode_auth: bool = False,
         env: Mapping[str, str] | None = None,
+        threads: Threads = "auto",
     ) -> None:
         self.node_configs = [dict(c) for c in node_configs]
         self.work_dir = Path(work_dir).resolve()
         self.tls = tls or supernode_auth
         self.supernode_auth = supernode_auth
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.work_dir / "flwr-home")}
+        self.threads = threads_per_worker(len(self.node_configs), available_cores(), threads, env_thread_budget(self.env))
+        self.env.update(thread_env(self.threads))
         # Flower's processes run in other working directories: give them this very fgrpo, by absolute path.
         package_root = str(Path(__file__).resolve().parents[2])
         self.env["PYTHONPATH"] = os.pathsep.join(

@@ -22,6 +22,7 @@ from fgrpo.config import Config
 from fgrpo.core.learner import GRPOLearner
 from fgrpo.core.model import checkpoint_layout, get_trainable_arrays
 from fgrpo.core.pipeline import build_learner
+from fgrpo.core.threads import apply_threads, available_cores, env_thread_budget, threads_per_worker
 from fgrpo.federation import wire
 from fgrpo.federation.client import (
     ClientData,
@@ -103,8 +104,15 @@ def learner_config_text(config_text: str) -> str:
 
 @lru_cache(maxsize=2)
 def _shared_learner(config_text: str) -> GRPOLearner:
-    """One policy per process: in-process clients share it and swap adapters in and out."""
+    """One policy per process: in-process clients share it and swap adapters in and out.
+
+    Its first use is where this process takes its torch thread budget
+    (`runtime.threads`; "auto": the OMP_NUM_THREADS that whoever started this
+    process set, else every core): a Flower ClientApp process, an in-process
+    worker and a Ray actor all pass through here before they run torch.
+    """
     config = config_from_text(config_text)
+    apply_threads(threads_per_worker(1, available_cores(), config.runtime.threads, env_thread_budget()))
     return build_learner(config, config.training.seed)
 
 

@@ -52,8 +52,10 @@ from fgrpo.federation.wire import ACC_HELDOUT, arrays_nbytes, arrays_to_record, 
 from fgrpo.reporting.progress import progress_bar
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
 
-# Keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("federation.rounds", "output.dir")
+# Keys that may change between a run and its resumption (the runtime: where clients run, not what they compute).
+RESUMABLE_CHANGES = ("federation.rounds", "output.dir") + tuple(
+    f"runtime.{key}" for key in ("backend", "workers", "threads", "num_cpus_per_client", "num_gpus_per_client")
+)
 GLOBAL_ACC = f"global/{ACC_HELDOUT}"
 GLOBAL_ACC_GLOBAL_SET = f"global/{wire.ACC_GLOBAL_SET}"  # local-only: its models on every owner's held-out data
 INIT_GROUP = "init"
