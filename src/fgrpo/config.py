@@ -479,9 +479,34 @@ class TunedMethod(Section):
         return f"{self.trials} trials × {seeds} seed{'s' if seeds != 1 else ''} × {self.rounds} rounds on validation"
 
 
+REPORT_TO = ("tensorboard", "wandb")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/latest", description="Results directory.")
     save_adapter: bool = Field(True, description="Save the final trainable weights.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Trackers that also receive every metrics.jsonl record (TRL's report_to): 'tensorboard' writes "
+        "RUN_DIR/tensorboard/ (pip install 'fgrpo[tensorboard]'), 'wandb' a Weights & Biases run "
+        "(pip install 'fgrpo[wandb]'). 'none' or [] = metrics.jsonl only; 'all' = both.",
+    )
+    wandb_project: str = Field("fgrpo", min_length=1, description="W&B project of the run (report_to = ['wandb']).")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="wandb.init's mode; unset = wandb decides (WANDB_MODE, else online), as under TRL."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        """TRL's spellings: one name as a string, 'none' for no tracker, 'all' for every one."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and "all" in value:
+            return list(REPORT_TO)
+        if isinstance(value, list):
+            return list(dict.fromkeys(v for v in value if v != "none"))  # duplicates would log twice
+        return value
 
 
 class Config(Section):

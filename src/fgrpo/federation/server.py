@@ -51,6 +51,7 @@ from fgrpo.registry import SERVER_LR_METHODS
 from fgrpo.federation.wire import ACC_HELDOUT, arrays_nbytes, arrays_to_record, record_to_arrays, scale_update
 from fgrpo.reporting.progress import progress_bar
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
+from fgrpo.reporting.tracking import check_report_to, open_trackers
 
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("federation.rounds", "output.dir")
@@ -404,6 +405,7 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
     seed = config.training.seed
     run_dir = directory.path
     write_config(run_dir, config)
+    check_report_to(config)
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
     init_timeout = None if fed.round_timeout_s is None else max(fed.round_timeout_s, INIT_TIMEOUT_S)
@@ -424,7 +426,8 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
             handle.truncate(state.metrics_offset)
         first_round, elapsed = state.server_round + 1, state.elapsed_s
 
-    with MetricsWriter(run_dir, fed.method, seed) as writer, progress_bar(progress) as bar:
+    trackers = open_trackers(run_dir, config, name=f"{fed.method}-seed{seed}")
+    with MetricsWriter(run_dir, fed.method, seed, trackers) as writer, progress_bar(progress) as bar:
         loop = RoundLoop(grid, config, run_dir, strategy, writer, arrays, time.perf_counter() - elapsed, node_clients)
         task = bar.add_task(f"{fed.method} seed {seed}", total=fed.rounds, completed=first_round - 1, info="")
         if state is None:
