@@ -263,6 +263,14 @@ class GRPOConfig(Section):
         None, gt=1, description="Upper bound of the unclipped ratio too (two-sided clipping, as TRL's delta); "
         "None = off. TRL recommends delta > 1 + epsilon_high."
     )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut off at max_completion_length (no EOS) out of the loss, as TRL's "
+        "option of that name (DAPO): they are not penalised for being unfinished. train/truncated_frac logs their share.",
+    )
+    top_entropy_quantile: float = Field(
+        1.0, ge=0, le=1, description="ρ: only the top-ρ quantile of completion tokens by entropy get a policy gradient "
+        "(TRL's name; 'Beyond the 80/20 rule' recommends 0.2); 1.0 = every token, 0.0 = the highest-entropy token.",
+    )
 
     @property
     def effective_epsilon_high(self) -> float:
