@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fgrpo.errors import ConfigError
-from fgrpo.registry import METHODS
+from fgrpo.registry import METHODS, MIXED_RANK_METHODS
 
 # The one tomllib shim of the package (tomli on Python 3.10): import it from here.
 if sys.version_info >= (3, 11):
@@ -216,6 +216,10 @@ class OwnerConfig(Section):
     size: int | None = Field(None, ge=1, description="Train on at most this many of the owner's prompts (default: all).")
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Seed of this owner's generated families and splits (default: tasks.seed + 1 + k)."
+    )
+    lora_rank: int | None = Field(
+        None, ge=1, le=1024, description="This owner's LoRA rank r <= model.lora.rank (a smaller machine, a smaller "
+        "adapter): it trains and uploads the first r rank components (HetLoRA); default model.lora.rank.",
     )
 
     @field_validator("sources")
@@ -528,6 +532,32 @@ class Config(Section):
     tuned: dict[str, TunedMethod] = Field(
         default_factory=dict, description="Per-method hyperparameters chosen by `fgrpo tune` on validation prompts."
     )
+
+    @model_validator(mode="after")
+    def _owner_ranks(self) -> "Config":
+        """Owners' LoRA ranks are at most the server's, and only methods that average may mix them."""
+        fed, rank = self.federation, self.model.lora.rank
+        ranks = {k: owner.lora_rank for k, owner in enumerate(fed.clients) if owner.lora_rank is not None}
+        for k, owner_rank in ranks.items():
+            if owner_rank > rank:
+                raise ValueError(
+                    f"federation.clients[{k}].lora_rank = {owner_rank} exceeds model.lora.rank = {rank}; the server holds "
+                    "the largest rank: raise model.lora.rank or lower the owner's"
+                )
+        if any(r < rank for r in ranks.values()) and fed.method != "centralized":
+            if not self.model.lora.enabled:
+                raise ValueError("federation.clients[*].lora_rank needs LoRA (model.lora.enabled = true)")
+            if fed.method not in MIXED_RANK_METHODS:
+                raise ValueError(
+                    f"federation.method = '{fed.method}' cannot aggregate mixed LoRA ranks (its server state is not a "
+                    f"weighted average of the uploads); use one of {', '.join(MIXED_RANK_METHODS)}, or equal ranks"
+                )
+            if fed.dp.enabled or fed.compression.codec != "none":
+                raise ValueError(
+                    "mixed LoRA ranks (federation.clients[*].lora_rank) do not combine with federation.dp or "
+                    "federation.compression yet: their clipping and codecs work on the full-rank update"
+                )
+        return self
 
     @field_validator("tuned")
     @classmethod

@@ -75,3 +75,62 @@ def test_a_component_no_client_trained_keeps_theta():
     uploads = [truncate(adapter(4, 9.0), 2)]
     corrected = rankwise_correction(theta, pad_to_full(uploads[0], theta), [2], [1.0])
     np.testing.assert_allclose(corrected[A][:, 0], [9, 10, 2, 3])
+
+
+def test_three_owners_of_ranks_2_4_8_train_in_process_and_the_server_keeps_rank_8(tmp_path):
+    """End to end on the tiny model: each owner uploads its own rank, the server aggregates rank-wise at rank 8."""
+    import json
+
+    from conftest import small_config_dict
+    from safetensors.numpy import load_file
+
+    from fgrpo.config import config_from_dict
+    from fgrpo.deploy.runtime import run_simulation
+
+    owners = [{"families": [{"name": "add", "difficulty": 1}], "lora_rank": r} for r in (2, 4, 8)]
+    data = small_config_dict(
+        tmp_path,
+        model={"lora": {"rank": 8, "alpha": 16}},
+        federation={"method": "fedavg", "num_clients": 3, "min_train_clients": 3, "rounds": 1, "clients": owners},
+    )
+    data["tasks"]["train_per_family"] = 16
+    summary = run_simulation(config_from_dict(data), progress=False)
+    assert summary["rounds"] == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["kind"] == "failure"]
+    trained = {r["client"]: r["client/lora_rank"] for r in records if r["kind"] == "client" and "client/lora_rank" in r}
+    assert trained == {0: 2, 1: 4, 2: 8}
+    adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    a_shapes = {v.shape[0] for k, v in adapter.items() if "lora_A" in k}
+    assert a_shapes == {8}  # the server's adapter stays at the largest rank
+
+
+def test_mixed_ranks_are_refused_by_methods_that_are_no_weighted_average_and_above_the_servers_rank(tmp_path):
+    from conftest import small_config_dict
+
+    from fgrpo.config import config_from_dict
+    from fgrpo.errors import ConfigError
+
+    def config(method, ranks, **federation):
+        owners = [{"families": [{"name": "add", "difficulty": 1}], "lora_rank": r} for r in ranks]
+        fed = {"method": method, "num_clients": len(ranks), "min_train_clients": 1, "clients": owners, **federation}
+        return config_from_dict(small_config_dict(tmp_path, model={"lora": {"rank": 8}}, federation=fed))
+
+    with pytest.raises(ConfigError, match="fedadam.*cannot aggregate mixed LoRA ranks"):
+        config("fedadam", [4, 8])
+    with pytest.raises(ConfigError, match=r"lora_rank = 16 exceeds model.lora.rank = 8"):
+        config("fedavg", [16, 8])
+    with pytest.raises(ConfigError, match="compression"):
+        config("fgrpo", [4, 8], compression={"codec": "int8"})
+    assert config("fedadam", [8, 8]).federation.method == "fedadam"  # equal ranks: every method
+
+
+def test_an_upload_is_accepted_only_in_the_shape_of_its_declared_rank():
+    from fgrpo.federation.hetlora import rank_problem
+
+    theta = adapter(4, 0.0)
+    assert rank_problem(2, truncate(adapter(4, 1.0), 2), theta, allow_lower=True) is None
+    assert "expected (2, 3) at lora-rank 2" in rank_problem(2, truncate(adapter(4, 1.0), 3), theta, allow_lower=True)
+    assert "[1, 4]" in rank_problem(5, adapter(4, 1.0), theta, allow_lower=True)
+    assert "cannot aggregate mixed" in rank_problem(2, truncate(adapter(4, 1.0), 2), theta, allow_lower=False)
+    assert "missing" in rank_problem(4, {A: theta[A]}, theta, allow_lower=True)

@@ -31,9 +31,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-# Methods whose aggregate is a weighted average of the uploads (what `rankwise_correction` needs).
-RANKWISE_METHODS = ("fgrpo", "fedavg", "fedprox", "reward_weighted", "local")
-
 
 def rank_axis(name: str) -> int | None:
     """0 for a LoRA A matrix, 1 for a B matrix, None for any other array (kept whole)."""
@@ -100,6 +97,33 @@ def zero_beyond(arrays: Mapping[str, np.ndarray], rank: int) -> dict[str, np.nda
             kept[:, rank:] = 0
         out[name] = kept
     return out
+
+
+def rank_problem(
+    declared: int, arrays: Mapping[str, np.ndarray] | None, current: Mapping[str, np.ndarray], allow_lower: bool
+) -> str | None:
+    """Why an upload that declares rank `declared` cannot be read against θ_t = `current`, or None.
+
+    A peer's upload is accepted only in the exact shape of its declared rank:
+    1 <= r <= R, and every array the shape of θ_t truncated to r (`arrays` None:
+    an encoded upload, whose shapes the codec's decoder checks).
+    """
+    rank = full_rank(current)
+    if rank is None:
+        return None  # no LoRA matrices (full fine-tuning): screen_update checks the shapes
+    if not 1 <= declared <= rank:
+        return f"'lora-rank' must be an integer in [1, {rank}] (the server's model.lora.rank), got {declared}"
+    if declared < rank and not allow_lower:
+        return f"lora-rank {declared} < {rank}, but this method cannot aggregate mixed LoRA ranks"
+    if arrays is None:
+        return None
+    missing, extra = sorted(set(current) - set(arrays)), sorted(set(arrays) - set(current))
+    if missing or extra:
+        return f"wrong arrays: missing {missing[:3]}, unexpected {extra[:3]}"
+    for name, shape in truncated_shapes(current, declared).items():
+        if np.shape(arrays[name]) != shape:
+            return f"wrong shape for '{name}': {np.shape(arrays[name])}, expected {shape} at lora-rank {declared}"
+    return None
 
 
 def rank_coverage(ranks: Sequence[int], weights: Sequence[float], rank: int) -> np.ndarray:
