@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fgrpo.errors import ConfigError
-from fgrpo.registry import METHODS
+from fgrpo.registry import METHODS, MIXED_RANK_METHODS
 
 # The one tomllib shim of the package (tomli on Python 3.10): import it from here.
 if sys.version_info >= (3, 11):
@@ -217,6 +217,10 @@ class OwnerConfig(Section):
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Seed of this owner's generated families and splits (default: tasks.seed + 1 + k)."
     )
+    lora_rank: int | None = Field(
+        None, ge=1, le=1024, description="This owner's LoRA rank r <= model.lora.rank (a smaller machine, a smaller "
+        "adapter): it trains and uploads the first r rank components (HetLoRA); default model.lora.rank.",
+    )
 
     @field_validator("sources")
     @classmethod
@@ -262,6 +266,14 @@ class GRPOConfig(Section):
     delta: float | None = Field(
         None, gt=1, description="Upper bound of the unclipped ratio too (two-sided clipping, as TRL's delta); "
         "None = off. TRL recommends delta > 1 + epsilon_high."
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut off at max_completion_length (no EOS) out of the loss, as TRL's "
+        "option of that name (DAPO): they are not penalised for being unfinished. train/truncated_frac logs their share.",
+    )
+    top_entropy_quantile: float = Field(
+        1.0, ge=0, le=1, description="ρ: only the top-ρ quantile of completion tokens by entropy get a policy gradient "
+        "(TRL's name; 'Beyond the 80/20 rule' recommends 0.2); 1.0 = every token, 0.0 = the highest-entropy token.",
     )
 
     @property
@@ -520,9 +532,34 @@ class RuntimeConfig(Section):
     )
 
 
+REPORT_TO = ("tensorboard", "wandb")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/latest", description="Results directory.")
     save_adapter: bool = Field(True, description="Save the final trainable weights.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Trackers that also receive every metrics.jsonl record (TRL's report_to): 'tensorboard' writes "
+        "RUN_DIR/tensorboard/ (pip install 'fgrpo[tensorboard]'), 'wandb' a Weights & Biases run "
+        "(pip install 'fgrpo[wandb]'). 'none' or [] = metrics.jsonl only; 'all' = both.",
+    )
+    wandb_project: str = Field("fgrpo", min_length=1, description="W&B project of the run (report_to = ['wandb']).")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="wandb.init's mode; unset = wandb decides (WANDB_MODE, else online), as under TRL."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        """TRL's spellings: one name as a string, 'none' for no tracker, 'all' for every one."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and "all" in value:
+            return list(REPORT_TO)
+        if isinstance(value, list):
+            return list(dict.fromkeys(v for v in value if v != "none"))  # duplicates would log twice
+        return value
 
 
 class Config(Section):
@@ -537,6 +574,32 @@ class Config(Section):
     tuned: dict[str, TunedMethod] = Field(
         default_factory=dict, description="Per-method hyperparameters chosen by `fgrpo tune` on validation prompts."
     )
+
+    @model_validator(mode="after")
+    def _owner_ranks(self) -> "Config":
+        """Owners' LoRA ranks are at most the server's, and only methods that average may mix them."""
+        fed, rank = self.federation, self.model.lora.rank
+        ranks = {k: owner.lora_rank for k, owner in enumerate(fed.clients) if owner.lora_rank is not None}
+        for k, owner_rank in ranks.items():
+            if owner_rank > rank:
+                raise ValueError(
+                    f"federation.clients[{k}].lora_rank = {owner_rank} exceeds model.lora.rank = {rank}; the server holds "
+                    "the largest rank: raise model.lora.rank or lower the owner's"
+                )
+        if any(r < rank for r in ranks.values()) and fed.method != "centralized":
+            if not self.model.lora.enabled:
+                raise ValueError("federation.clients[*].lora_rank needs LoRA (model.lora.enabled = true)")
+            if fed.method not in MIXED_RANK_METHODS:
+                raise ValueError(
+                    f"federation.method = '{fed.method}' cannot aggregate mixed LoRA ranks (its server state is not a "
+                    f"weighted average of the uploads); use one of {', '.join(MIXED_RANK_METHODS)}, or equal ranks"
+                )
+            if fed.dp.enabled or fed.compression.codec != "none":
+                raise ValueError(
+                    "mixed LoRA ranks (federation.clients[*].lora_rank) do not combine with federation.dp or "
+                    "federation.compression yet: their clipping and codecs work on the full-rank update"
+                )
+        return self
 
     @field_validator("tuned")
     @classmethod

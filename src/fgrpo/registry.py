@@ -15,27 +15,30 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Method:
     """One way to train: `strategy` aggregates it; `weighted`: it reports per-client weights and gains;
-    `server_lr`: `federation.server_lr` scales its aggregate step (FGRPO and FedOpt have their own)."""
+    `server_lr`: `federation.server_lr` scales its aggregate step (FGRPO and FedOpt have their own);
+    `mixed_ranks`: its aggregate is a weighted average of the uploads (or none), so owners may train different
+    LoRA ranks (federation/hetlora.py); FedOpt's and FedAvgM's server state is not, and refuses them."""
 
     name: str
     strategy: str
     weighted: bool = False
     compared_by_default: bool = True
     server_lr: bool = False
+    mixed_ranks: bool = False
 
 
 REGISTRY: tuple[Method, ...] = (
-    Method("fgrpo", "fgrpo", weighted=True),
-    Method("fedavg", "fedavg", server_lr=True),
-    Method("fedprox", "fedprox", server_lr=True),
+    Method("fgrpo", "fgrpo", weighted=True, mixed_ranks=True),
+    Method("fedavg", "fedavg", server_lr=True, mixed_ranks=True),
+    Method("fedprox", "fedprox", server_lr=True, mixed_ranks=True),
     Method("fedadam", "fedadam"),
     Method("fedyogi", "fedyogi", compared_by_default=False),
     Method("fedadagrad", "fedadagrad", compared_by_default=False),
     Method("fedavgm", "fedavgm", compared_by_default=False, server_lr=True),
-    Method("reward_weighted", "reward_weighted", weighted=True, server_lr=True),
+    Method("reward_weighted", "reward_weighted", weighted=True, server_lr=True, mixed_ranks=True),
     # Run modes of the same code rather than strategies: pooled data on one client, or no aggregation.
-    Method("centralized", "fedavg"),
-    Method("local", "fedavg"),
+    Method("centralized", "fedavg"),  # one pooled client at model.lora.rank: owners' lora_rank do not apply
+    Method("local", "fedavg", mixed_ranks=True),
 )
 METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY)
 BY_NAME: dict[str, Method] = {m.name: m for m in REGISTRY}
@@ -43,6 +46,7 @@ BY_NAME: dict[str, Method] = {m.name: m for m in REGISTRY}
 COMPARED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.compared_by_default)
 WEIGHTED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.weighted)
 SERVER_LR_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.server_lr)
+MIXED_RANK_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.mixed_ranks)
 
 # Greedy accuracy on held-out prompts: one name end to end. The GRPO core logs
 # `eval/acc_heldout`, a client sends `acc_heldout`, the server logs

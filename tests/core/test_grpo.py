@@ -15,8 +15,11 @@ from fgrpo.core.grpo import (
     completion_mask_after_eos,
     group_advantages,
     grpo_loss,
+    high_entropy_mask,
     kl_k3,
+    token_entropies,
     token_log_probs,
+    truncated_completions,
 )
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
@@ -24,9 +27,9 @@ trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 
 def trl_loss(
     log_probs, old_log_probs, advantages, mask, *, loss_type, beta, eps_low, eps_high, ref, max_len,
-    importance_sampling_level="token", delta=None,
+    importance_sampling_level="token", delta=None, entropies=None, top_entropy_quantile=1.0,
 ):
-    """Call TRL's real loss code with a stand-in trainer whose model returns `log_probs`."""
+    """Call TRL's real loss code with a stand-in trainer whose model returns `log_probs` (and `entropies`)."""
 
     class Accelerator:
         num_processes = 1
@@ -36,6 +39,10 @@ def trl_loss(
         def gather(x):
             return x
 
+        @staticmethod
+        def pad_across_processes(x, dim=0, pad_index=0):
+            return x
+
         gather_for_metrics = gather
 
         @staticmethod
@@ -43,8 +50,11 @@ def trl_loss(
             return x
 
     fake = SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (log_probs, torch.zeros_like(log_probs), None),
-        top_entropy_quantile=1.0,
+        _get_per_token_logps_and_entropies=lambda *a, **k: (
+            log_probs, torch.zeros_like(log_probs) if entropies is None else entropies, None
+        ),
+        get_high_entropy_mask=lambda e, m, threshold: trl_grpo.GRPOTrainer.get_high_entropy_mask(fake, e, m, threshold),
+        top_entropy_quantile=top_entropy_quantile,
         off_policy_mask_threshold=None,
         importance_sampling_level=importance_sampling_level,
         beta=beta,
@@ -140,6 +150,95 @@ def test_gspo_and_two_sided_clipping_match_trl(loss_type, level, delta):
                       ref_log_probs=ref, loss_type=loss_type, max_completion_length=5).loss
     if (level, delta) != ("token", None):
         assert not torch.isclose(ours, plain)  # the option changes the loss on this case
+
+
+def random_entropies(seed: int, shape) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize(
+    "loss_type,quantile,beta", list(itertools.product(LOSS_TYPES, [0.0, 0.2, 0.5], [0.0, 0.04]))
+)
+def test_top_entropy_quantile_matches_trl(loss_type, quantile, beta):
+    """TRL 1.16's top_entropy_quantile: its get_high_entropy_mask and _compute_loss on the same tensors."""
+    log_probs, old, ref, advantages, mask = random_case(13)
+    entropies = random_entropies(13, mask.shape)
+    ours_mask = high_entropy_mask(entropies, mask, quantile)
+    their_mask = trl_grpo.GRPOTrainer.get_high_entropy_mask(
+        SimpleNamespace(accelerator=SimpleNamespace(pad_across_processes=lambda x, **k: x, gather=lambda x: x)),
+        entropies, mask, 1 - quantile,
+    )
+    assert torch.equal(ours_mask, their_mask)
+    ours = grpo_loss(
+        log_probs, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.28, beta=beta, ref_log_probs=ref,
+        loss_type=loss_type, max_completion_length=5, entropy_mask=ours_mask,
+    ).loss
+    (our_grad,) = torch.autograd.grad(ours, log_probs)
+    theirs = trl_loss(
+        log_probs, old, advantages, mask, loss_type=loss_type, beta=beta, eps_low=0.2, eps_high=0.28, ref=ref,
+        max_len=5, entropies=entropies, top_entropy_quantile=quantile,
+    )
+    (their_grad,) = torch.autograd.grad(theirs, log_probs)
+    assert torch.allclose(ours, theirs, atol=1e-6), (float(ours), float(theirs))
+    assert torch.allclose(our_grad, their_grad, atol=1e-6)
+    # Tokens outside the mask get no policy gradient (only the KL's, when β > 0).
+    if beta == 0.0:
+        assert torch.all(our_grad[~ours_mask] == 0) and our_grad[ours_mask].abs().sum() > 0
+
+
+def test_high_entropy_mask_keeps_the_top_quantile_of_completion_tokens_only():
+    entropies = torch.tensor([[0.1, 0.9, 5.0], [0.5, 0.7, 0.3]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # 5.0 is padding: never kept, never counted
+    # masked entropies 0.1 0.9 0.5 0.7 0.3 -> the 0.6 quantile (ρ = 0.4) is 0.58: keeps 0.9 and 0.7
+    assert high_entropy_mask(entropies, mask, 0.4).tolist() == [[False, True, False], [False, True, False]]
+    assert high_entropy_mask(entropies, mask, 0.0).tolist() == [[False, True, False], [False, False, False]]
+    assert torch.equal(high_entropy_mask(entropies, mask, 1.0), mask.bool())
+    assert not high_entropy_mask(entropies, torch.zeros_like(mask), 0.2).any()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_entropies_match_trls_entropy_from_logits(temperature, monkeypatch):
+    from trl.trainer.utils import entropy_from_logits
+
+    logits = torch.randn(5, 3, 11, generator=torch.Generator().manual_seed(3)) * 4
+    expected = entropy_from_logits(logits / temperature)
+    assert torch.allclose(token_entropies(logits, temperature), expected, atol=1e-5)
+    monkeypatch.setattr("fgrpo.core.grpo.LOG_PROB_CHUNK_ELEMENTS", 3 * 11 * 2)  # 2 rows per chunk: 3 chunks
+    assert torch.allclose(token_entropies(logits, temperature), expected, atol=1e-5)
+
+
+def test_truncated_completions_are_those_whose_last_kept_token_is_no_stop_token():
+    eos, pad = 2, 0
+    ids = torch.tensor([
+        [5, 6, 2, 0],  # stopped at EOS
+        [5, 6, 7, 8],  # cut off at max_completion_length
+        [5, 6, 7, 2],  # EOS as the very last allowed token: finished
+        [5, 0, 0, 0],  # its last kept token is pad (TRL counts pad as a stop)
+        [0, 0, 0, 0],  # empty
+    ])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
+    assert truncated_completions(ids, mask, [eos, pad]).tolist() == [False, True, False, False, False]
+    # TRL's own test on the unpadded lists: ids[-1] not in eos_and_pad
+    rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    assert [bool(r) and r[-1] not in (eos, pad) for r in rows] == truncated_completions(ids, mask, [eos, pad]).tolist()
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
+def test_masking_truncated_completions_equals_dropping_them_from_token_mean_losses(loss_type):
+    """With mask_truncated_completions, a cut-off row adds nothing to the loss, its gradient or its normaliser."""
+    log_probs, old, ref, advantages, mask = random_case(17)
+    truncated = torch.tensor([False, True, False, False, True, False])
+    masked = mask * (~truncated).unsqueeze(1).long()
+    options = dict(epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=5)
+    loss = grpo_loss(log_probs, old, advantages, masked, **options).loss
+    (grad,) = torch.autograd.grad(loss, log_probs)
+    keep = ~truncated
+    kept_log_probs = log_probs.detach()[keep].requires_grad_(True)
+    dropped = grpo_loss(kept_log_probs, old[keep], advantages[keep], mask[keep], **options).loss
+    (kept_grad,) = torch.autograd.grad(dropped, kept_log_probs)
+    assert torch.allclose(loss, dropped, atol=1e-6)
+    assert torch.all(grad[truncated] == 0) and torch.allclose(grad[keep], kept_grad, atol=1e-6)
+    assert not torch.isclose(loss, grpo_loss(log_probs, old, advantages, mask, **options).loss)
 
 
 def test_hand_computed_clipped_regions():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from fgrpo.config import config_from_dict
 
 
@@ -24,3 +26,55 @@ def test_step_passes_gspo_and_delta_to_the_loss(tmp_path, monkeypatch):
     train, _ = build_task_pool(config.tasks)
     learner.step(train[:2])
     assert seen["importance_sampling_level"] == "sequence" and seen["delta"] == 1.5
+
+
+def spied_step(tmp_path, monkeypatch, **grpo):
+    """One step on the tiny model; what grpo_loss received, the rollouts it was built from, the metrics."""
+    from conftest import small_config_dict
+
+    from fgrpo.core import learner as learner_module
+    from fgrpo.core.pipeline import build_learner, build_task_pool
+
+    config = config_from_dict(small_config_dict(tmp_path, grpo=grpo))
+    seen = {}
+    real = learner_module.grpo_loss
+
+    def spy(*args, **kwargs):
+        seen["mask"] = args[3]
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(learner_module, "grpo_loss", spy)
+    learner = build_learner(config, 0)
+    generate = learner.generate_fn
+
+    def keep(*args, **kwargs):
+        seen["rollouts"] = generate(*args, **kwargs)
+        return seen["rollouts"]
+
+    learner.generate_fn = keep
+    train, _ = build_task_pool(config.tasks)
+    metrics = learner.step(train[:4])
+    return seen, metrics, learner
+
+
+def test_mask_truncated_completions_takes_cut_off_rows_out_of_the_loss_mask(tmp_path, monkeypatch):
+    from fgrpo.core.grpo import truncated_completions
+
+    # 2 new tokens: the tiny model cuts off most, not all, completions.
+    seen, metrics, learner = spied_step(tmp_path, monkeypatch, mask_truncated_completions=True, max_completion_length=2)
+    rollouts = seen["rollouts"]
+    truncated = truncated_completions(rollouts.completion_ids, rollouts.completion_mask, learner._stop_token_ids())
+    assert metrics["train/truncated_frac"] == truncated.float().mean().item()
+    assert truncated.any()  # the case exercises the option
+    assert seen["mask"][truncated].sum() == 0
+    assert (seen["mask"][~truncated] == rollouts.completion_mask[~truncated]).all()
+
+
+def test_top_entropy_quantile_hands_the_loss_a_mask_of_the_high_entropy_tokens(tmp_path, monkeypatch):
+    seen, _, _ = spied_step(tmp_path, monkeypatch, top_entropy_quantile=0.2)
+    mask, chosen = seen["mask"].bool(), seen["entropy_mask"]
+    assert chosen.dtype == torch.bool and not (chosen & ~mask).any()
+    assert 0 < chosen.sum() < mask.sum()  # a strict subset: about a fifth of the completion tokens
+    seen_all, _, _ = spied_step(tmp_path / "all", monkeypatch)
+    assert seen_all["entropy_mask"] is None  # ρ = 1: every token, no mask built

@@ -67,7 +67,7 @@ SCRIPT = textwrap.dedent(
 
     config = config_from_dict({
         "federation": {"method": sys.argv[2], "num_clients": 2, "rounds": 1, "min_train_clients": 2},
-        "output": {"dir": str(out / "run")},
+        "output": {"dir": str(out / "run"), "report_to": sys.argv[3:]},
     })
     nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
     grid = InProcessGrid(app, nodes, run_config={wire.CONFIG_KEY: ""})
@@ -97,3 +97,14 @@ def test_server_runs_a_round_without_torch_and_writes_the_adapter_from_arrays(tm
     np.testing.assert_allclose(adapter["layer.lora_A.weight"], np.full((2, 3), expected_step), rtol=1e-6)
     np.testing.assert_allclose(adapter["layer.lora_B.weight"], np.full((3, 2), 1 + expected_step), rtol=1e-6)
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").read_text() == '{"peft_type": "LORA"}'
+
+
+def test_the_servers_tensorboard_writer_imports_no_torch(tmp_path):
+    """output.report_to = ["tensorboard"] on the server path: tensorboard's own numpy writer, not torch's."""
+    pytest.importorskip("tensorboard")
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path), "fedavg", "tensorboard"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["loaded"] == []
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -87,6 +87,64 @@ def token_log_probs(
     return torch.cat(chunks, dim=0)
 
 
+def token_entropies(
+    logits: torch.Tensor,  # (N, T, V) logits that predict each completion token
+    temperature: float = 1.0,
+) -> torch.Tensor:  # (N, T), no grad
+    """Entropy (nats) of the temperature-scaled next-token distribution at each completion position.
+
+    Only `high_entropy_mask` reads it (a token selection, no gradient), so it runs
+    without autograd, a chunk of sequences at a time as `token_log_probs` does.
+    Equals TRL's `entropy_from_logits(logits / temperature)`.
+    """
+    num_rows, length, vocab = logits.shape
+    rows_per_chunk = max(1, LOG_PROB_CHUNK_ELEMENTS // max(1, length * vocab))
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, num_rows, rows_per_chunk):
+            log_p = torch.log_softmax(logits[start : start + rows_per_chunk].float() / temperature, dim=-1)  # (n, T, V)
+            chunks.append(-(log_p.exp() * log_p).sum(-1))  # (n, T)
+    return torch.cat(chunks, dim=0)
+
+
+def high_entropy_mask(
+    entropies: torch.Tensor,  # (N, T)
+    mask: torch.Tensor,  # (N, T) 1 on completion tokens
+    top_entropy_quantile: float,
+) -> torch.Tensor:  # (N, T) bool
+    """The completion tokens whose entropy is in the batch's top ρ quantile (TRL's `top_entropy_quantile`).
+
+    "Beyond the 80/20 rule" (Wang et al. 2025): the policy gradient of the few
+    high-entropy "forking" tokens carries most of RLVR's gain. The threshold is
+    the (1 − ρ) quantile of the entropies of the masked tokens (torch.quantile,
+    linear interpolation); ρ = 0 keeps the highest-entropy token(s) only, ρ = 1
+    every token. Same result as TRL 1.16's `GRPOTrainer.get_high_entropy_mask`
+    on one process.
+    """
+    kept = entropies[mask.bool()].float()
+    if kept.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    threshold = torch.quantile(kept, 1.0 - top_entropy_quantile)
+    return ((entropies * mask.to(entropies.dtype)) >= threshold) & mask.bool()
+
+
+def truncated_completions(
+    completion_ids: torch.Tensor,  # (N, T)
+    completion_mask: torch.Tensor,  # (N, T) 1 up to and including the first EOS
+    stop_token_ids: list[int],  # EOS token(s) and the pad token
+) -> torch.Tensor:  # (N,) bool
+    """Completions cut off by max_completion_length: their last kept token is no stop token.
+
+    TRL's `mask_truncated_completions` test (`ids[-1] not in eos_and_pad`), on
+    padded tensors: the last kept token is the one before the mask's first 0.
+    An empty completion counts as finished.
+    """
+    lengths = completion_mask.sum(dim=1).long()  # (N,)
+    last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,)
+    stops = torch.as_tensor(stop_token_ids, device=completion_ids.device)
+    return (lengths > 0) & ~torch.isin(last, stops)
+
+
 def completion_mask_after_eos(
     completion_ids: torch.Tensor,  # (N, T)
     eos_token_id: int,
@@ -166,6 +224,7 @@ def grpo_loss(
     num_items_in_batch: float | None = None,
     importance_sampling_level: Literal["token", "sequence"] = "token",
     delta: float | None = None,
+    entropy_mask: torch.Tensor | None = None,  # (N, T) bool: only these tokens' policy term counts
 ) -> LossOutput:
     """The clipped policy-ratio objective of GRPO with an optional k3 KL penalty.
 
@@ -173,8 +232,10 @@ def grpo_loss(
     ρ = exp(log π − log π_old) per token, or (GSPO, importance_sampling_level =
     "sequence") one ρ per completion: exp of the mean log-ratio over its tokens.
     δ (`delta`, None = off) caps the unclipped ratio too: two-sided clipping, as
-    TRL's `delta`. With one optimisation pass per batch (num_iterations = 1)
-    ρ ≡ 1 and only the gradient of ρ matters. Matches TRL 1.16's
+    TRL's `delta`. `entropy_mask` (top_entropy_quantile < 1, `high_entropy_mask`)
+    zeroes the policy term of the other tokens; their KL term stays and the
+    normaliser still counts them, as in TRL. With one optimisation pass per
+    batch (num_iterations = 1) ρ ≡ 1 and only the gradient of ρ matters. Matches TRL 1.16's
     `GRPOTrainer._compute_loss` (tests/core/test_grpo.py).
     """
     if old_log_probs is None:
@@ -190,6 +251,8 @@ def grpo_loss(
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     unclipped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)
     per_token_loss = -torch.min(unclipped_ratio * adv, clipped_ratio * adv)  # (N, T)
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
 
     kl_mean = 0.0
     if beta != 0.0:

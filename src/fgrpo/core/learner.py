@@ -18,10 +18,17 @@ import torch
 
 from fgrpo.core.chat import RAW, PromptFormat
 from fgrpo.config import GRPOConfig
-from fgrpo.core.grpo import group_advantages, grpo_loss
+from fgrpo.core.grpo import (
+    group_advantages,
+    grpo_loss,
+    high_entropy_mask,
+    token_entropies,
+    token_log_probs,
+    truncated_completions,
+)
 from fgrpo.core.model import trainable_parameters
 from fgrpo.data.rewards import OwnerRewards, WeightedReward, compute_rewards
-from fgrpo.core.rollout import Rollouts, completion_log_probs, generate
+from fgrpo.core.rollout import Rollouts, completion_log_probs, completion_logits, generate
 from fgrpo.data.tasks import Example
 from fgrpo.errors import TrainingError
 
@@ -133,6 +140,11 @@ class GRPOLearner:
             share_prompts=self.config.share_prompt_prefix,
         )
 
+    def _stop_token_ids(self) -> list[int]:
+        """Tokens that end a completion (EOS, and pad as TRL counts it); any other last token means truncated."""
+        ids = [self.tokenizer.eos_token_id, self.tokenizer.pad_token_id]
+        return sorted({int(i) for i in ids if i is not None})
+
     @torch.inference_mode()
     def _reference_log_probs(self, rollouts) -> torch.Tensor:
         if self.reference is not None:
@@ -180,17 +192,27 @@ class GRPOLearner:
             with torch.inference_mode():
                 old_log_probs = completion_log_probs(self.model, rollouts, cfg.temperature, self.share_prompts).clone()
         ref_log_probs = self._reference_log_probs(rollouts).clone() if cfg.beta > 0 else None
+        # the loss mask: completion tokens, minus truncated completions (TRL's mask_truncated_completions)
+        truncated = truncated_completions(rollouts.completion_ids, rollouts.completion_mask, self._stop_token_ids())  # (N,)
+        loss_mask = rollouts.completion_mask
+        if cfg.mask_truncated_completions:
+            loss_mask = loss_mask * (~truncated).unsqueeze(1).to(loss_mask.dtype)  # (N, T)
         # 5. optimise (generation restored the mode it found; switching modes walks every module)
         if not self.model.training:
             self.model.train()
         totals: dict[str, float] = defaultdict(float)
         for _ in range(cfg.num_iterations):
-            log_probs = completion_log_probs(self.model, rollouts, cfg.temperature, self.share_prompts)
+            logits = completion_logits(self.model, rollouts, self.share_prompts)  # (N, T, V)
+            log_probs = token_log_probs(logits, rollouts.completion_ids, cfg.temperature)
+            entropy_mask = None
+            if cfg.top_entropy_quantile < 1.0:
+                entropy_mask = high_entropy_mask(token_entropies(logits, cfg.temperature), loss_mask, cfg.top_entropy_quantile)
+            del logits
             out = grpo_loss(
                 log_probs,
                 old_log_probs,
                 advantages,
-                rollouts.completion_mask,
+                loss_mask,
                 epsilon_low=cfg.epsilon,
                 epsilon_high=cfg.effective_epsilon_high,
                 beta=cfg.beta,
@@ -199,6 +221,7 @@ class GRPOLearner:
                 max_completion_length=cfg.max_completion_length,
                 importance_sampling_level=cfg.importance_sampling_level,
                 delta=cfg.delta,
+                entropy_mask=entropy_mask,
             )
             loss = out.loss
             if proximal is not None and proximal.mu > 0:
@@ -220,6 +243,7 @@ class GRPOLearner:
             "train/reward_mean_var": mean_variance(prompt_means),
             "train/accuracy": float(np.mean(scored.correct)),
             "train/completion_len": float(rollouts.completion_mask.sum(1).float().mean()),
+            "train/truncated_frac": float(truncated.float().mean()),  # TRL's completions/clipped_ratio
             "train/tokens_per_s": rollouts.num_completion_tokens / max(elapsed, 1e-9),
             "train/generation_s": generation_s,
             "train/step_s": elapsed,

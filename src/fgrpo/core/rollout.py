@@ -136,11 +136,18 @@ def completion_log_probs(
     (`shared_prompt_logits`); `share_prompts=False` runs all N rows in full
     (needed under gradient checkpointing, which cannot use a KV cache while training).
     """
+    return token_log_probs(completion_logits(model, rollouts, share_prompts), rollouts.completion_ids, temperature)
+
+
+def completion_logits(model, rollouts: Rollouts, share_prompts: bool = True) -> torch.Tensor:  # (N, T, V)
+    """The logits that predict each completion token (see `completion_log_probs` for `share_prompts`).
+
+    Callers that need more than log-probs from one forward (the token entropies
+    of grpo.top_entropy_quantile) start here.
+    """
     if share_prompts and rollouts.num_generations > 1:
-        logits = shared_prompt_logits(model, rollouts)
-    else:
-        logits = full_logits(model, rollouts)
-    return token_log_probs(logits, rollouts.completion_ids, temperature)
+        return shared_prompt_logits(model, rollouts)
+    return full_logits(model, rollouts)
 
 
 def full_logits(model, rollouts: Rollouts) -> torch.Tensor:  # (N, T, V)

@@ -13,6 +13,7 @@ from fgrpo.core.evaluate import evaluate
 from fgrpo.core.pipeline import build_learner, build_task_splits
 from fgrpo.reporting.progress import progress_bar
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
+from fgrpo.reporting.tracking import check_report_to, open_trackers
 from fgrpo.data.tasks import Example
 
 
@@ -66,6 +67,7 @@ def run_training(config: Config, *, overwrite: bool = False, progress: bool = Tr
 def _train(config: Config, directory: RunDirectory, progress: bool) -> dict:
     run_dir = directory.path
     write_config(run_dir, config)
+    check_report_to(config)
     seed = config.training.seed
     seed_everything(seed)
     splits = build_task_splits(config.tasks)
@@ -89,7 +91,8 @@ def _train(config: Config, directory: RunDirectory, progress: bool) -> dict:
         return metrics
 
     started = time.perf_counter()
-    with MetricsWriter(run_dir, "centralized", seed) as writer, progress_bar(progress) as bar:
+    trackers = open_trackers(run_dir, config, name=f"centralized-seed{seed}")
+    with MetricsWriter(run_dir, "centralized", seed, trackers) as writer, progress_bar(progress) as bar:
         first = run_eval(0)
         directory.commit()
         task = bar.add_task("GRPO", total=config.training.steps, info=f"acc {first['eval/acc_heldout']:.1%}")

@@ -34,6 +34,7 @@ from fgrpo.federation.client import (
     round_seed,
 )
 from fgrpo.federation.export import layout_to_text as export_layout_text
+from fgrpo.federation.hetlora import truncate, zero_beyond
 from fgrpo.federation.wire import arrays_to_record, config_from_context, config_from_text, record_to_arrays
 
 def node_config_from_context(context: Context) -> Config:
@@ -190,6 +191,23 @@ def node_owner(context: Context) -> tuple[str, int | None] | None:
     return None if found is None else (owner_name(found[1], found[0]), found[1].size)
 
 
+def node_lora_rank(context: Context) -> int:
+    """The LoRA rank this node trains: its data-config's or its [[federation.clients]] entry's lora_rank, else the
+    run's model.lora.rank (centralized pools everyone at the run's rank). Read from the run config: the node's
+    own config keeps no [[federation.clients]] entry."""
+    from fgrpo.data.node_spec import node_spec, run_owner
+
+    config = config_from_text(wire.config_text(context))
+    spec = node_spec(context.node_config)
+    if spec.data is not None and spec.data.lora_rank is not None:
+        return spec.data.lora_rank
+    if config.federation.method != "centralized":
+        found = run_owner(config.federation.clients, spec, int(context.node_config.get("partition-id", 0)))
+        if found is not None and found[1].lora_rank is not None:
+            return found[1].lora_rank
+    return config.model.lora.rank
+
+
 @lru_cache(maxsize=2)
 def _partitioned(config_text: str, num_partitions: int) -> list[ClientData]:
     """All partitions at once: in-process nodes share one partitioning (examples are shared, not copied)."""
@@ -320,7 +338,8 @@ def client_train(msg: Message, context: Context) -> Message:
     learner = shared_learner(context)
     data = node_data(context)
     round_config = msg.content[wire.CONFIG]
-    start = record_to_arrays(msg.content[wire.ARRAYS])
+    rank = node_lora_rank(context)
+    start = zero_beyond(record_to_arrays(msg.content[wire.ARRAYS]), rank)  # a rank-r adapter in the rank-R model
     local_only = bool(round_config.get(wire.LOCAL_ONLY, False))
     if local_only and wire.LOCAL_ADAPTER_KEY in context.state:
         start = record_to_arrays(context.state[wire.LOCAL_ADAPTER_KEY])  # local-only ignores the global model
@@ -342,10 +361,14 @@ def client_train(msg: Message, context: Context) -> Message:
     arrays, metrics = simulate_attack(config, data.client_id, server_round, start, arrays, metrics)
     if local_only:
         context.state[wire.LOCAL_ADAPTER_KEY] = arrays_to_record(arrays)
-        record = context.state[wire.LOCAL_ADAPTER_KEY]
-    else:
+        record = arrays_to_record(truncate(arrays, rank))
+    elif config.federation.compression.codec != "none":  # full rank only (the config and the server refuse mixed)
         record = arrays_to_record(encode_upload(config, start, arrays, context))
-    metrics.update({wire.NUM_EXAMPLES: len(data.train), wire.CLIENT_ID: data.client_id, wire.UNIT_WEIGHT: 1})
+    else:
+        record = arrays_to_record(truncate(arrays, rank))  # components r..R are zero: only the first r travel
+    metrics.update(
+        {wire.NUM_EXAMPLES: len(data.train), wire.CLIENT_ID: data.client_id, wire.UNIT_WEIGHT: 1, wire.LORA_RANK: rank}
+    )
     return Message(RecordDict({wire.ARRAYS: record, wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -356,7 +379,7 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     config = node_config_from_context(context)
     learner = shared_learner(context)
     data = node_data(context)
-    arrays = record_to_arrays(msg.content[wire.ARRAYS])
+    arrays = zero_beyond(record_to_arrays(msg.content[wire.ARRAYS]), node_lora_rank(context))  # what it can run
     local_only = bool(msg.content[wire.CONFIG].get(wire.LOCAL_ONLY, False))
     if local_only and wire.LOCAL_ADAPTER_KEY in context.state:
         arrays = record_to_arrays(context.state[wire.LOCAL_ADAPTER_KEY])

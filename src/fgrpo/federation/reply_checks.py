@@ -42,7 +42,7 @@ TRAIN_KEYS = {
     wire.TRAIN_TIME: float,
 }
 # Sent only by some configurations (FGRPO's noise-aware gains); kept when every accepted reply has them.
-OPTIONAL_TRAIN_KEYS = (wire.REWARD_MEAN_VAR, wire.GAIN_IN_ROUND, wire.GAIN_IN_ROUND_VAR)
+OPTIONAL_TRAIN_KEYS = (wire.REWARD_MEAN_VAR, wire.GAIN_IN_ROUND, wire.GAIN_IN_ROUND_VAR, wire.LORA_RANK)
 EVALUATE_KEYS = {CLIENT_ID: int, NUM_EXAMPLES: int}
 HELDOUT = wire.ACC_HELDOUT
 NON_NEGATIVE = (wire.REWARD_STD, wire.TRAIN_TIME)
@@ -119,6 +119,8 @@ def check_train_metrics(metrics: Mapping, num_clients: int, weight_key: str = NU
     for key in (wire.REWARD_MEAN_VAR, wire.GAIN_IN_ROUND_VAR):
         if key in metrics and not 0 <= metrics[key] <= MAX_ABS_REWARD**2:
             return f"'{key}' must be >= 0 and bounded"
+    if wire.LORA_RANK in metrics and (problem := _count(wire.LORA_RANK, metrics[wire.LORA_RANK])):
+        return problem  # its range against the server's rank, and the arrays' shapes: hetlora.rank_problem
     if wire.GAIN_IN_ROUND in metrics and abs(metrics[wire.GAIN_IN_ROUND]) > 2 * MAX_ABS_REWARD:
         return f"'{wire.GAIN_IN_ROUND}' must be within ±{2 * MAX_ABS_REWARD:g}"
     return _fraction(wire.ACCURACY, metrics[wire.ACCURACY])

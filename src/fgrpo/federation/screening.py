@@ -18,6 +18,7 @@ from fgrpo.config import CompressionConfig
 from fgrpo.federation import wire
 from fgrpo.federation.compression import CompressionError, apply_delta, decode_delta
 from fgrpo.federation.defense import norm_clip_factors, screen_update, update_norm
+from fgrpo.federation.hetlora import pad_to_full, rank_problem
 from fgrpo.federation.reply_checks import screen_round
 from fgrpo.federation.wire import arrays_to_record, record_to_arrays
 
@@ -43,12 +44,16 @@ def screen_replies(
     *,
     num_clients: int,
     weight_key: str = wire.NUM_EXAMPLES,
+    ranks: dict[int, int] | None = None,
+    mixed_ranks: bool = False,
 ) -> tuple[list[Message], list[Failure]]:
     """Split a round's replies into usable ones and failures (no reply, error, broken records, metrics, ids or arrays).
 
     Records and metrics are screened first (`reply_checks.screen_round`: the
-    node ↔ client-id bindings in `node_clients` grow on first sight). With a
-    compression codec, each usable reply is then decoded in place to θ_t + Δ̂,
+    node ↔ client-id bindings in `node_clients` grow on first sight). A reply
+    that declares a LoRA rank (`lora-rank`) must hold exactly that rank's
+    shapes and is padded back to θ_t's (`hetlora.pad_to_full`; lower ranks only
+    when `mixed_ranks`); `ranks` gets client-id -> rank. With a compression codec, each usable reply is then decoded in place to θ_t + Δ̂,
     so what follows (clipping, every strategy) sees ordinary float32 weights.
     """
     ok: list[Message] = []
@@ -65,6 +70,19 @@ def screen_replies(
         content = reply.content
         client_id = int(content[wire.METRICS][wire.CLIENT_ID])
         arrays = _reply_arrays(reply)
+        declared = content[wire.METRICS].get(wire.LORA_RANK)
+        compressed = compression is not None and compression.codec != "none"
+        if declared is not None:
+            # An encoded upload has the codec's shapes: only the full rank is accepted with compression.
+            problem = rank_problem(int(declared), None if compressed else arrays, current, mixed_ranks and not compressed)
+            if problem is not None:
+                failures.append(Failure(node, client_id, problem))
+                continue
+            if not compressed:
+                arrays = pad_to_full(arrays, current)
+                reply.content[next(iter(content.array_records))] = arrays_to_record(arrays)
+            if ranks is not None:
+                ranks[client_id] = int(declared)
         if compression is not None and compression.codec != "none":
             try:
                 arrays = apply_delta(current, decode_delta(arrays, current, compression.codec, compression.block_size))

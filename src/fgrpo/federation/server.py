@@ -43,14 +43,16 @@ from fgrpo.federation.checkpoint import (
     strategy_state,
 )
 from fgrpo.federation.export import layout_from_text, save_weights
+from fgrpo.federation.hetlora import full_rank, rankwise_correction
 from fgrpo.federation.methods import build_strategy, local_steps_per_round, weight_key
 from fgrpo.federation.reply_checks import error_reason, screen_round
 from fgrpo.federation.screening import Failure, clip_replies, screen_replies
 from fgrpo.federation.strategies import WeightedAverage
-from fgrpo.registry import SERVER_LR_METHODS
+from fgrpo.registry import MIXED_RANK_METHODS, SERVER_LR_METHODS
 from fgrpo.federation.wire import ACC_HELDOUT, arrays_nbytes, arrays_to_record, record_to_arrays, scale_update
 from fgrpo.reporting.progress import progress_bar
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
+from fgrpo.reporting.tracking import check_report_to, open_trackers
 
 # Keys that may change between a run and its resumption (the runtime: where clients run, not what they compute).
 RESUMABLE_CHANGES = ("federation.rounds", "output.dir") + tuple(
@@ -204,6 +206,7 @@ class RoundLoop:
     final_accuracy: float = float("nan")
     final_global_set: float | None = None  # local-only's accuracy on the whole held-out set
     norms: dict[int, tuple[float, float]] = field(default_factory=dict)  # client id -> (update norm, clip factor)
+    ranks: dict[int, int] = field(default_factory=dict)  # client id -> the LoRA rank it last declared
 
     @property
     def round_config(self) -> ConfigRecord:
@@ -231,6 +234,8 @@ class RoundLoop:
             fed.compression,
             num_clients=fed.num_clients,
             weight_key=weight_key(self.config),
+            ranks=self.ranks,
+            mixed_ranks=fed.method in MIXED_RANK_METHODS and not fed.dp.enabled,
         )
         ok, self.norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
         return ok, failures + rejected
@@ -240,12 +245,25 @@ class RoundLoop:
         fed = self.config.federation
         current = self.arrays
         new_arrays, _ = self.strategy.aggregate_train(server_round, ok)
+        if new_arrays is not None and fed.method != "local":
+            new_arrays = self.rankwise(current, new_arrays, ok)
         if new_arrays is not None and fed.method in SERVER_LR_METHODS and fed.server_lr != 1.0:
             # θ ← θ + η (aggregate − θ): the FedAvg family's server learning rate (fgrpo tune searches it).
             new_arrays = arrays_to_record(scale_update(record_to_arrays(current), record_to_arrays(new_arrays), fed.server_lr))
         if new_arrays is not None and fed.method != "local":
             self.arrays = new_arrays
         return new_arrays is not None
+
+    def rankwise(self, current: ArrayRecord, aggregate: ArrayRecord, ok: list[Message]) -> ArrayRecord:
+        """With mixed LoRA ranks, component j's step over the weight of the clients that trained it (hetlora.py)."""
+        theta = record_to_arrays(current)
+        rank = full_rank(theta)
+        ids = [int(r.content[wire.METRICS][wire.CLIENT_ID]) for r in ok]
+        ranks = [self.ranks.get(cid, rank) for cid in ids]
+        if rank is None or all(r == rank for r in ranks):
+            return aggregate
+        weights = aggregation_weights(self.strategy, ok, weight_key(self.config))
+        return arrays_to_record(rankwise_correction(theta, record_to_arrays(aggregate), ranks, [weights[c][0] for c in ids]))
 
     def log_clients(self, server_round: int, ok: list[Message], failures: list[Failure]) -> None:
         """One record per failure and per aggregated client: its statistics, norm, weight and gain."""
@@ -266,6 +284,8 @@ class RoundLoop:
                 "client/train_s": float(m[wire.TRAIN_TIME]),
                 "client/update_norm": norm,
             }
+            if cid in self.ranks:
+                record["client/lora_rank"] = self.ranks[cid]
             if factor < 1.0:
                 record["defense/clip_factor"] = factor
             if self.config.federation.method != "local":
@@ -406,6 +426,7 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
     seed = config.training.seed
     run_dir = directory.path
     write_config(run_dir, config)
+    check_report_to(config)
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
     init_timeout = None if fed.round_timeout_s is None else max(fed.round_timeout_s, INIT_TIMEOUT_S)
@@ -426,7 +447,8 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
             handle.truncate(state.metrics_offset)
         first_round, elapsed = state.server_round + 1, state.elapsed_s
 
-    with MetricsWriter(run_dir, fed.method, seed) as writer, progress_bar(progress) as bar:
+    trackers = open_trackers(run_dir, config, name=f"{fed.method}-seed{seed}")
+    with MetricsWriter(run_dir, fed.method, seed, trackers) as writer, progress_bar(progress) as bar:
         loop = RoundLoop(grid, config, run_dir, strategy, writer, arrays, time.perf_counter() - elapsed, node_clients)
         task = bar.add_task(f"{fed.method} seed {seed}", total=fed.rounds, completed=first_round - 1, info="")
         if state is None:

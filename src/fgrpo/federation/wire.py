@@ -56,6 +56,7 @@ GAIN_IN_ROUND_VAR = "gain-inround-var"  # its squared standard error
 ACC_GLOBAL_SET = "acc_global_set"  # local-only: its model on every owner's held-out data
 ACCURACY = "accuracy"
 TRAIN_TIME = "train-time"
+LORA_RANK = "lora-rank"  # the rank r the client trained; its LoRA arrays come truncated to it (federation/hetlora.py)
 UNIT_WEIGHT = "unit-weight"  # 1 for every client: the weight key of uniform averaging (DP)
 FAMILY_ACC = "acc/"  # + family
 FAMILY_N = "n/"  # + family

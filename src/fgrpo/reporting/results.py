@@ -19,10 +19,11 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from fgrpo.config import Config, dump_config
 from fgrpo.errors import ConfigError
+from fgrpo.reporting.tracking import Tracker, record_scalars
 
 MARKER_NAME = ".fgrpo-run"
 
@@ -163,12 +164,17 @@ def _finite(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to RUN_DIR/metrics.jsonl, flushed as it goes."""
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl, flushed as it goes.
 
-    def __init__(self, run_dir: Path, method: str, seed: int):
+    Each record also goes to the `trackers` (output.report_to: TensorBoard, W&B),
+    so they show exactly what metrics.jsonl holds; closing the writer closes them.
+    """
+
+    def __init__(self, run_dir: Path, method: str, seed: int, trackers: Sequence[Tracker] = ()):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.method = method
         self.seed = seed
+        self.trackers = list(trackers)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, kind: str, **values: Any) -> None:
@@ -176,9 +182,15 @@ class MetricsWriter:
         record.update({k: _finite(v) for k, v in values.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        scalars = record_scalars(record) if self.trackers else None
+        if scalars is not None:
+            for tracker in self.trackers:
+                tracker.log(*scalars)
 
     def close(self) -> None:
         self._file.close()
+        for tracker in self.trackers:
+            tracker.close()
 
     def __enter__(self) -> "MetricsWriter":
         return self

@@ -1,0 +1,169 @@
+"""output.report_to: a federated run's metrics.jsonl records reach TensorBoard's event file and W&B (mocked)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fgrpo.config import config_from_dict
+from fgrpo.errors import ConfigError
+from fgrpo.federation import wire
+from fgrpo.federation.export import layout_to_text
+from fgrpo.federation.inprocess import InProcessGrid
+from fgrpo.federation.server import run_federation
+from fgrpo.reporting.tracking import TENSORBOARD_DIR, record_scalars
+
+THETA0 = {"layer.lora_A.default.weight": np.zeros((2, 3), np.float32), "layer.lora_B.default.weight": np.ones((3, 2), np.float32)}
+LAYOUT = {"files": {"adapter_config.json": "{}"}, "weights_file": "adapter_model.safetensors", "names": {k: k for k in THETA0}}
+
+
+def fake_app() -> ClientApp:
+    """No model: client k adds k + 1 to θ, reports reward 0.1·(k + 1) and held-out accuracy 0.25·(k + 1)."""
+    app = ClientApp()
+
+    @app.query()
+    def init(msg, context):
+        config = ConfigRecord({wire.CHECKPOINT_LAYOUT: layout_to_text(LAYOUT)})
+        return Message(RecordDict({wire.ARRAYS: wire.arrays_to_record(THETA0), wire.CONFIG: config}), reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        cid = int(context.node_config["partition-id"])
+        theta = wire.record_to_arrays(msg.content[wire.ARRAYS])
+        metrics = {wire.CLIENT_ID: cid, wire.NUM_EXAMPLES: 10 * (cid + 1), wire.REWARD_MEAN: 0.1 * (cid + 1),
+                   wire.REWARD_STD: 0.1, wire.ACCURACY: 0.5, wire.TRAIN_TIME: 0.0, wire.UNIT_WEIGHT: 1}
+        trained = {k: v + (cid + 1) for k, v in theta.items()}
+        return Message(RecordDict({wire.ARRAYS: wire.arrays_to_record(trained), wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        cid = int(context.node_config["partition-id"])
+        metrics = {wire.CLIENT_ID: cid, wire.NUM_EXAMPLES: 4, wire.ACC_HELDOUT: 0.25 * (cid + 1)}
+        return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def run(tmp_path, **output):
+    config = config_from_dict(
+        {"federation": {"method": "fgrpo", "num_clients": 2, "rounds": 2, "min_train_clients": 2},
+         "output": {"dir": str(tmp_path / "run"), "save_adapter": False, **output}}
+    )
+    grid = InProcessGrid(fake_app(), [{"partition-id": i, "num-partitions": 2} for i in range(2)], run_config={wire.CONFIG_KEY: ""})
+    run_federation(grid, config, tmp_path / "run", progress=False)
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def expected_scalars(records) -> dict[str, dict[int, float]]:
+    """What every tracker must receive: each record's numbers, by tag and step, read from metrics.jsonl."""
+    expected: dict[str, dict[int, float]] = {}
+    for record in records:
+        placed = record_scalars(record)
+        if placed is not None:
+            for tag, value in placed[1].items():
+                expected.setdefault(tag, {})[placed[0]] = value
+    return expected
+
+
+def test_record_scalars_names_client_metrics_per_client_and_drops_text_and_nulls():
+    client = {"kind": "client", "method": "fgrpo", "seed": 0, "round": 3, "client": 2,
+              "client/reward_mean": 0.5, "agg/weight": 0.25, "agg/gain": None}
+    assert record_scalars(client) == (3, {"client/reward_mean/client2": 0.5, "agg/weight/client2": 0.25})
+    failure = {"kind": "failure", "method": "fgrpo", "seed": 0, "round": 1, "node": 7, "client": 1, "reason": "timeout"}
+    assert record_scalars(failure) is None
+    step = {"kind": "step", "method": "centralized", "seed": 0, "step": 4, "train/loss": 1.5, "flag": True}
+    assert record_scalars(step) == (4, {"train/loss": 1.5})
+
+
+def test_a_runs_tensorboard_event_file_holds_what_metrics_jsonl_holds(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    records = run(tmp_path, report_to=["tensorboard"])
+    events = EventAccumulator(str(tmp_path / "run" / TENSORBOARD_DIR), size_guidance={"tensors": 0})
+    events.Reload()
+    written = {
+        tag: {e.step: float(make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)} for tag in events.Tags()["tensors"]
+    }
+    expected = expected_scalars(records)
+    for tag in ("global/acc_heldout", "comm/bytes_up", "time/round_s", "client/reward_mean/client1", "agg/weight/client0"):
+        assert tag in expected  # the run logged it, so the comparison below covers it
+    assert written.keys() == expected.keys()
+    for tag, by_step in expected.items():
+        assert written[tag] == pytest.approx(by_step, rel=1e-6), tag  # float32 in the event file
+    assert sorted(written["global/acc_heldout"]) == [0, 1, 2]  # round 0 (before training) and both rounds
+    assert written["client/reward_mean/client1"][2] == pytest.approx(0.2)
+
+
+class FakeWandb(types.ModuleType):
+    """Records what fgrpo asks of wandb; never contacts anything."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # "installed", for importlib.util.find_spec
+        self.inits, self.logs, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            def log(self, scalars, step):
+                fake.logs.append((step, dict(scalars)))
+
+            def finish(self):
+                fake.finished += 1
+
+        return Run()
+
+
+def test_wandb_gets_one_run_with_the_config_and_every_record_at_its_round(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    records = run(tmp_path, report_to="wandb", wandb_mode="offline", wandb_project="consortium")
+    (init,) = fake.inits
+    assert init["mode"] == "offline" and init["project"] == "consortium" and init["dir"] == str(tmp_path / "run")
+    assert init["name"] == "fgrpo-seed0" and init["config"]["federation"]["method"] == "fgrpo"
+    assert fake.finished == 1
+    logged: dict[str, dict[int, float]] = {}
+    for step, scalars in fake.logs:
+        for tag, value in scalars.items():
+            logged.setdefault(tag, {})[step] = value
+    assert logged == expected_scalars(records)
+    steps = [step for step, _ in fake.logs]
+    assert steps == sorted(steps)  # wandb drops a step lower than one it has seen
+
+
+def test_wandb_mode_is_left_to_wandb_unless_set(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(tmp_path, report_to=["wandb"])
+    assert "mode" not in fake.inits[0]
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_missing_tracker_library_is_one_config_error_naming_the_extra(tmp_path, monkeypatch, tracker):
+    monkeypatch.setitem(sys.modules, tracker, None)  # as if not installed
+    with pytest.raises(ConfigError, match=rf"output.report_to.*pip install 'fgrpo\[{tracker}\]'"):
+        run(tmp_path, report_to=[tracker])
+    assert not (tmp_path / "run").exists()  # the failed start removed what it created
+
+
+def test_report_to_takes_trls_spellings():
+    def report_to(value):
+        return config_from_dict({"output": {"report_to": value}}).output.report_to
+
+    assert report_to("none") == [] and report_to([]) == []
+    assert report_to("all") == ["tensorboard", "wandb"]
+    assert report_to("tensorboard") == ["tensorboard"]
+    assert report_to(["wandb", "wandb"]) == ["wandb"]
+    with pytest.raises(ConfigError, match="report_to"):
+        report_to(["mlflow"])
