@@ -212,6 +212,11 @@ class GRPOConfig(Section):
     share_prompt_prefix: bool = Field(
         True, description="Score each prompt once for its G completions (KV cache); off = one full pass per row."
     )
+    sampler: Literal["auto", "hf"] = Field(
+        "auto",
+        description="Decoder of the 'hf' generation backend: 'auto' = fgrpo's lean loop (generate's tokens, finished "
+        "rows dropped) when the model and generation options allow it, else transformers' generate; 'hf' = always generate.",
+    )
 
     @property
     def effective_epsilon_high(self) -> float:
