@@ -27,7 +27,8 @@ same tokens): with `grpo.sampler = "auto"` (the lean decode loop, `fgrpo.core.sa
 `generate`, what fgrpo used before). `--threads 1,2` repeats the whole comparison (fresh copies of the same weights)
 at each thread count in the same process, with one `ratio:` line per sampler and thread count.
 
-Timing: fgrpo, the wall time of `learner.step`; TRL, on_step_begin -> on_step_end of a TrainerCallback (generation
+Timing (wall time, and CPU time beside it: at 1 thread the CPU time is much less sensitive to other processes on a
+loaded machine): fgrpo, `learner.step`; TRL, on_step_begin -> on_step_end of a TrainerCallback (generation
 through optimizer step). Completion tokens count up to and including the first EOS on both sides (TRL's are
 counted in the reward function from `completion_ids`). Warm-up steps are excluded; medians are reported.
 On a busy machine pass --threads <= the idle cores: OpenMP threads sharing a loaded core can slow a step 100x.
@@ -103,14 +104,16 @@ class StepTimer(TrainerCallback):
 
     def __init__(self):
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         sync()
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         sync()
         self.seconds.append(time.perf_counter() - self.start)
+        self.cpu_seconds.append(time.process_time() - self.cpu_start)
 
 
 def build_trainer(model, tokenizer, grpo, batches, args, out_dir, reward_fn, timer) -> GRPOTrainer:
@@ -140,27 +143,28 @@ def build_trainer(model, tokenizer, grpo, batches, args, out_dir, reward_fn, tim
     return trainer
 
 
-def run_fgrpo(learners: dict[str, GRPOLearner], batches, num_completions: int, seed: int) -> dict[str, list[tuple[float, float]]]:
-    """(seconds, completion tokens) of each `learner.step`, the learners alternating on each batch with the same seed."""
-    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in learners}
+def run_fgrpo(learners: dict[str, GRPOLearner], batches, num_completions: int, seed: int) -> dict[str, list[tuple]]:
+    """(seconds, completion tokens, CPU seconds) of each `learner.step`, the learners alternating on each batch."""
+    rows: dict[str, list[tuple]] = {name: [] for name in learners}
     for i, batch in enumerate(batches):
         order = list(learners) if i % 2 == 0 else list(reversed(learners))  # neither always runs first
         for name in order:
             torch.manual_seed(seed + i)
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             metrics = learners[name].step(batch)
             sync()
-            rows[name].append((time.perf_counter() - start, metrics["train/completion_len"] * num_completions))
+            rows[name].append((time.perf_counter() - start, metrics["train/completion_len"] * num_completions,
+                               time.process_time() - cpu_start))
     return rows
 
 
-def run_trl(trainer: GRPOTrainer, timer: StepTimer, token_counts: list[int]) -> list[tuple[float, float]]:
-    """(seconds, completion tokens) of each TRL optimizer step."""
+def run_trl(trainer: GRPOTrainer, timer: StepTimer, token_counts: list[int]) -> list[tuple]:
+    """(seconds, completion tokens, CPU seconds) of each TRL optimizer step."""
     trainer.train()
     if len(timer.seconds) != len(token_counts):
         raise RuntimeError(f"{len(timer.seconds)} timed TRL steps but {len(token_counts)} reward calls")
-    return list(zip(timer.seconds, map(float, token_counts)))
+    return list(zip(timer.seconds, map(float, token_counts), timer.cpu_seconds))
 
 
 def rollout_with_signal(learner: GRPOLearner, batches, grpo):
@@ -214,10 +218,10 @@ def loss_check(learner: GRPOLearner, trainer: GRPOTrainer, batches, grpo) -> tup
     return float((ours - theirs).abs()), grad_diff, grad_max, logp_diff
 
 
-def medians(rows: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """(step s, completion tokens/step, tokens/s), each the median over the measured steps."""
-    return (statistics.median(s for s, _ in rows), statistics.median(t for _, t in rows),
-            statistics.median(t / s for s, t in rows))
+def medians(rows: list[tuple]) -> tuple[float, float, float, float]:
+    """(step s, completion tokens/step, tokens/s, tokens per CPU second), each the median over the measured steps."""
+    return (statistics.median(s for s, _, _ in rows), statistics.median(t for _, t, _ in rows),
+            statistics.median(t / s for s, t, _ in rows), statistics.median(t / c for _, t, c in rows))
 
 
 def compare(model, tokenizer, grpo, reward, batches, args, threads: int, check_loss: bool):
@@ -271,7 +275,8 @@ def main() -> int:
         check = check or first_check
         results[threads] = (ours, theirs)
         print(f"\n{threads} thread(s), median per step{'':<4}{'fgrpo (lean)':>14}{'fgrpo (generate)':>18}{'TRL':>10}")
-        for i, name in enumerate(("step time (s)", "completion tokens/step", "completion tokens/s")):
+        for i, name in enumerate(("step time (s)", "completion tokens/step", "completion tokens/s",
+                                  "tokens per CPU second")):
             print(f"{name:<33}{ours['auto'][i]:>14.4g}{ours['hf'][i]:>18.4g}{theirs[i]:>10.4g}")
     loss_diff, grad_diff, grad_max, logp_diff = check
     print(f"\ninfo: TRL's own forward (fused LM head) vs fgrpo's, same weights and tokens: "
@@ -281,7 +286,8 @@ def main() -> int:
     for threads, (ours, theirs) in results.items():
         for sampler, label in (("auto", "lean sampler"), ("hf", "generate")):
             print(f"ratio: fgrpo ({label}) / TRL completion tokens/s at {threads} thread(s) = "
-                  f"{ours[sampler][2] / theirs[2]:.2f}x (median of {args.steps} steps each, {args.warmup} warm-up excluded)")
+                  f"{ours[sampler][2] / theirs[2]:.2f}x ({ours[sampler][3] / theirs[3]:.2f}x in CPU time; median of "
+                  f"{args.steps} steps each, {args.warmup} warm-up excluded)")
     return 0 if max(loss_diff, grad_diff) <= TOLERANCE else 1
 
 

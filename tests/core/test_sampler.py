@@ -123,6 +123,15 @@ def test_seeded_sampling_gives_generates_tokens_and_log_probs(policy, device, sa
     model.to("cpu")
 
 
+def test_several_eos_ids_or_none(tiny_peft):
+    model, tokenizer = tiny_peft
+    first = frequent_token(model, tokenizer, "cpu", 1, 10)
+    for eos in ([first, tokenizer.eos_token_id], None):  # a list (Llama-3 ships two), or no EOS: run to the limit
+        theirs, _, ours = both_samplers(model, tokenizer, "cpu", 1, 10, eos, seed=0, share=True)
+        assert torch.equal(ours.token_ids, theirs)
+    assert ours.token_ids.size(1) == 10
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_rows_draw_does_not_depend_on_the_other_rows_probabilities(device):
     # What lets the loop give finished rows a placeholder and still draw generate's tokens for the others.

@@ -117,8 +117,8 @@ def sample(
     prompt_mask: torch.Tensor,  # (B, P)
     num_generations: int,
     max_new_tokens: int,
-    eos_token_id: int | list[int],
-    pad_token_id: int,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int | None,
     do_sample: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -146,7 +146,9 @@ def sample(
     device = logits.device
     attention_mask = prompt_mask.repeat_interleave(group, dim=0) if share_prompts else prompt_mask  # (n, P+t)
     position = positions_from_mask(attention_mask)[:, -1:]  # (n, 1) of each row's last token
-    eos = torch.as_tensor(eos_token_id, device=device).reshape(-1)
+    eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=device).reshape(-1)
+    if pad_token_id is None:  # what `generate` pads with then (it warns)
+        pad_token_id = int(eos[0]) if eos.numel() else 0
     chain = warpers(do_sample, temperature, top_k, top_p)
     token_ids = torch.full((num_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     log_probs = torch.zeros(num_rows, max_new_tokens, device=device) if return_log_probs else None
