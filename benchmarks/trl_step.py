@@ -1,6 +1,6 @@
 """Benchmark: fgrpo's local GRPO step vs TRL's GRPOTrainer step, same model and same work, in one process.
 
-    python benchmarks/trl_step.py [--steps 20] [--warmup 3] [--prompts 8] [--generations 8] [--length 16] [--threads K]
+    python benchmarks/trl_step.py [--steps 20] [--warmup 3] [--prompts 8] [--generations 8] [--length 16] [--threads 1,2]
 
 What: completion tokens/s of one local GRPO step (sample G completions per prompt, reward, group advantages,
 clipped loss, backward, grad clip, AdamW step) for (a) `fgrpo.core.learner.GRPOLearner.step` and (b) `trl.GRPOTrainer`.
@@ -22,7 +22,13 @@ the model in the dtype fgrpo loads: fp32 on CPU, bf16 weights with fp32 LoRA on 
 own cost or gain): the fused LM head that also computes every token's entropy (without Triton, i.e. on CPU, it
 scores all prompt+completion positions), per-step metrics with host syncs, and its default fused AdamW.
 
-Timing: fgrpo, the wall time of `learner.step`; TRL, on_step_begin -> on_step_end of a TrainerCallback (generation
+fgrpo runs twice, as two learners on the same weights that alternate steps with the same seed (so they sample the
+same tokens): with `grpo.sampler = "auto"` (the lean decode loop, `fgrpo.core.sampler`) and with "hf" (transformers'
+`generate`, what fgrpo used before). `--threads 1,2` repeats the whole comparison (fresh copies of the same weights)
+at each thread count in the same process, with one `ratio:` line per sampler and thread count.
+
+Timing (wall time, and CPU time beside it: at 1 thread the CPU time is much less sensitive to other processes on a
+loaded machine): fgrpo, `learner.step`; TRL, on_step_begin -> on_step_end of a TrainerCallback (generation
 through optimizer step). Completion tokens count up to and including the first EOS on both sides (TRL's are
 counted in the reward function from `completion_ids`). Warm-up steps are excluded; medians are reported.
 On a busy machine pass --threads <= the idle cores: OpenMP threads sharing a loaded core can slow a step 100x.
@@ -71,7 +77,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=8, help="prompts B per step")
     parser.add_argument("--generations", type=int, default=8, help="completions G per prompt")
     parser.add_argument("--length", type=int, default=16, help="max_completion_length T")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", default=None,
+                        help="torch threads, or a comma-separated list run one after another (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -97,14 +104,16 @@ class StepTimer(TrainerCallback):
 
     def __init__(self):
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         sync()
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         sync()
         self.seconds.append(time.perf_counter() - self.start)
+        self.cpu_seconds.append(time.process_time() - self.cpu_start)
 
 
 def build_trainer(model, tokenizer, grpo, batches, args, out_dir, reward_fn, timer) -> GRPOTrainer:
@@ -134,25 +143,28 @@ def build_trainer(model, tokenizer, grpo, batches, args, out_dir, reward_fn, tim
     return trainer
 
 
-def run_fgrpo(learner: GRPOLearner, batches, num_completions: int, seed: int) -> list[tuple[float, float]]:
-    """(seconds, completion tokens) of each `learner.step`."""
-    torch.manual_seed(seed)
-    rows = []
-    for batch in batches:
-        sync()
-        start = time.perf_counter()
-        metrics = learner.step(batch)
-        sync()
-        rows.append((time.perf_counter() - start, metrics["train/completion_len"] * num_completions))
+def run_fgrpo(learners: dict[str, GRPOLearner], batches, num_completions: int, seed: int) -> dict[str, list[tuple]]:
+    """(seconds, completion tokens, CPU seconds) of each `learner.step`, the learners alternating on each batch."""
+    rows: dict[str, list[tuple]] = {name: [] for name in learners}
+    for i, batch in enumerate(batches):
+        order = list(learners) if i % 2 == 0 else list(reversed(learners))  # neither always runs first
+        for name in order:
+            torch.manual_seed(seed + i)
+            sync()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            metrics = learners[name].step(batch)
+            sync()
+            rows[name].append((time.perf_counter() - start, metrics["train/completion_len"] * num_completions,
+                               time.process_time() - cpu_start))
     return rows
 
 
-def run_trl(trainer: GRPOTrainer, timer: StepTimer, token_counts: list[int]) -> list[tuple[float, float]]:
-    """(seconds, completion tokens) of each TRL optimizer step."""
+def run_trl(trainer: GRPOTrainer, timer: StepTimer, token_counts: list[int]) -> list[tuple]:
+    """(seconds, completion tokens, CPU seconds) of each TRL optimizer step."""
     trainer.train()
     if len(timer.seconds) != len(token_counts):
         raise RuntimeError(f"{len(timer.seconds)} timed TRL steps but {len(token_counts)} reward calls")
-    return list(zip(timer.seconds, map(float, token_counts)))
+    return list(zip(timer.seconds, map(float, token_counts), timer.cpu_seconds))
 
 
 def rollout_with_signal(learner: GRPOLearner, batches, grpo):
@@ -206,10 +218,32 @@ def loss_check(learner: GRPOLearner, trainer: GRPOTrainer, batches, grpo) -> tup
     return float((ours - theirs).abs()), grad_diff, grad_max, logp_diff
 
 
-def medians(rows: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """(step s, completion tokens/step, tokens/s), each the median over the measured steps."""
-    return (statistics.median(s for s, _ in rows), statistics.median(t for _, t in rows),
-            statistics.median(t / s for s, t in rows))
+def medians(rows: list[tuple]) -> tuple[float, float, float, float]:
+    """(step s, completion tokens/step, tokens/s, tokens per CPU second), each the median over the measured steps."""
+    return (statistics.median(s for s, _, _ in rows), statistics.median(t for _, t, _ in rows),
+            statistics.median(t / s for s, t, _ in rows), statistics.median(t / c for _, t, c in rows))
+
+
+def compare(model, tokenizer, grpo, reward, batches, args, threads: int, check_loss: bool):
+    """One fgrpo-vs-TRL comparison at `threads` torch threads, on fresh copies of `model`; loss check if asked."""
+    torch.set_num_threads(threads)
+    learners = {sampler: GRPOLearner(copy.deepcopy(model), tokenizer, grpo.model_copy(update={"sampler": sampler}), reward)
+                for sampler in ("auto", "hf")}
+    token_counts: list[int] = []
+    timer = StepTimer()
+    check = None
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = build_trainer(copy.deepcopy(model), tokenizer, grpo, batches, args, out_dir,
+                                fgrpo_reward_for_trl(reward, token_counts), timer)
+        if check_loss:
+            check = loss_check(GRPOLearner(copy.deepcopy(model), tokenizer, grpo, reward), trainer, batches, grpo)
+        torch.set_num_threads(threads)
+        fgrpo_rows = run_fgrpo(learners, batches, args.prompts * args.generations, args.seed)
+        torch.set_num_threads(threads)
+        trl_rows = run_trl(trainer, timer, token_counts)
+    if torch.get_num_threads() != threads:
+        print(f"warning: torch threads changed to {torch.get_num_threads()} during the run")
+    return {name: medians(rows[args.warmup:]) for name, rows in fgrpo_rows.items()}, medians(trl_rows[args.warmup:]), check
 
 
 def main() -> int:
@@ -217,9 +251,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     config = Config.model_validate({
         "grpo": {"num_generations": args.generations, "max_completion_length": args.length},
         "tasks": {"train_per_family": 200, "test_per_family": 10},
@@ -227,40 +259,35 @@ def main() -> int:
     grpo = config.grpo
     train, _ = build_task_pool(config.tasks)
     model, tokenizer = load_policy(config.model, config.tasks, seed=args.seed)
-    trl_model = copy.deepcopy(model)  # same LoRA weights, before fgrpo trains
     reward = build_reward(config.tasks, grpo.max_completion_length)
-    learner = GRPOLearner(model, tokenizer, grpo, reward)
     random.Random(args.seed).shuffle(train)  # mixed families (and prompt lengths) per batch, as `fgrpo train` samples
     n = args.warmup + args.steps
     batches = [[train[(i * args.prompts + j) % len(train)] for j in range(args.prompts)] for i in range(n)]
     device = next(model.parameters()).device
-    print(f"device={device} threads={threads} B={args.prompts} G={args.generations} T={args.length} "
-          f"steps={args.steps} warmup={args.warmup} torch={torch.__version__} "
+    print(f"device={device} threads={args.threads or thread_counts[0]} B={args.prompts} G={args.generations} "
+          f"T={args.length} steps={args.steps} warmup={args.warmup} torch={torch.__version__} "
           f"transformers={transformers.__version__} trl={trl.__version__}")
 
-    token_counts: list[int] = []
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory() as out_dir:
-        trainer = build_trainer(trl_model, tokenizer, grpo, batches, args, out_dir,
-                                fgrpo_reward_for_trl(reward, token_counts), timer)
-        loss_diff, grad_diff, grad_max, logp_diff = loss_check(learner, trainer, batches, grpo)
-        torch.set_num_threads(threads)
-        fgrpo_rows = run_fgrpo(learner, batches, args.prompts * args.generations, args.seed)
-        torch.set_num_threads(threads)
-        trl_rows = run_trl(trainer, timer, token_counts)
-    if torch.get_num_threads() != threads:
-        print(f"warning: torch threads changed to {torch.get_num_threads()} during the run")
-
-    ours, theirs = medians(fgrpo_rows[args.warmup:]), medians(trl_rows[args.warmup:])
-    print(f"{'median per step':<26}{'fgrpo':>12}{'TRL':>12}")
-    for i, name in enumerate(("step time (s)", "completion tokens/step", "completion tokens/s")):
-        print(f"{name:<26}{ours[i]:>12.4g}{theirs[i]:>12.4g}")
-    print(f"info: TRL's own forward (fused LM head) vs fgrpo's, same weights and tokens: "
+    results = {}
+    check = None
+    for k, threads in enumerate(thread_counts):
+        ours, theirs, first_check = compare(model, tokenizer, grpo, reward, batches, args, threads, check_loss=k == 0)
+        check = check or first_check
+        results[threads] = (ours, theirs)
+        print(f"\n{threads} thread(s), median per step{'':<4}{'fgrpo (lean)':>14}{'fgrpo (generate)':>18}{'TRL':>10}")
+        for i, name in enumerate(("step time (s)", "completion tokens/step", "completion tokens/s",
+                                  "tokens per CPU second")):
+            print(f"{name:<33}{ours['auto'][i]:>14.4g}{ours['hf'][i]:>18.4g}{theirs[i]:>10.4g}")
+    loss_diff, grad_diff, grad_max, logp_diff = check
+    print(f"\ninfo: TRL's own forward (fused LM head) vs fgrpo's, same weights and tokens: "
           f"max |logp diff| = {logp_diff:.1e}")
     print(f"loss check: |fgrpo - TRL| = {loss_diff:.1e} (loss), {grad_diff:.1e} (max grad; "
           f"fgrpo's max |grad| = {grad_max:.1e})")
-    print(f"ratio: fgrpo / TRL completion tokens/s = {ours[2] / theirs[2]:.2f}x "
-          f"(median of {args.steps} steps each, {args.warmup} warm-up excluded)")
+    for threads, (ours, theirs) in results.items():
+        for sampler, label in (("auto", "lean sampler"), ("hf", "generate")):
+            print(f"ratio: fgrpo ({label}) / TRL completion tokens/s at {threads} thread(s) = "
+                  f"{ours[sampler][2] / theirs[2]:.2f}x ({ours[sampler][3] / theirs[3]:.2f}x in CPU time; median of "
+                  f"{args.steps} steps each, {args.warmup} warm-up excluded)")
     return 0 if max(loss_diff, grad_diff) <= TOLERANCE else 1
 
 

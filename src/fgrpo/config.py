@@ -275,6 +275,11 @@ class GRPOConfig(Section):
         1.0, ge=0, le=1, description="ρ: only the top-ρ quantile of completion tokens by entropy get a policy gradient "
         "(TRL's name; 'Beyond the 80/20 rule' recommends 0.2); 1.0 = every token, 0.0 = the highest-entropy token.",
     )
+    sampler: Literal["auto", "hf"] = Field(
+        "auto",
+        description="Decoder of the 'hf' generation backend: 'auto' = fgrpo's lean loop (generate's tokens, finished "
+        "rows dropped) when the model and generation options allow it, else transformers' generate; 'hf' = always generate.",
+    )
 
     @property
     def effective_epsilon_high(self) -> float:

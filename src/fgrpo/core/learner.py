@@ -8,6 +8,7 @@ compared on the same local algorithm.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -51,14 +52,15 @@ class GRPOLearner:
         grpo: GRPOConfig,
         reward: WeightedReward | OwnerRewards,
         prompt_format: PromptFormat = RAW,
-        generate_fn: Callable[..., Rollouts] = generate,
+        generate_fn: Callable[..., Rollouts] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.config = grpo
         self.reward = reward
         self.prompt_format = prompt_format
-        self.generate_fn = generate_fn
+        # Default backend: transformers models, decoded by the sampler `grpo.sampler` names.
+        self.generate_fn = generate_fn or functools.partial(generate, sampler=grpo.sampler)
         self.is_peft = hasattr(model, "disable_adapter")
         self.reference = None
         if grpo.beta > 0 and not self.is_peft:

@@ -142,10 +142,9 @@ def load_policy(model: ModelConfig, tasks: TasksConfig, seed: int):
 def build_learner(config: Config, seed: int) -> GRPOLearner:
     """Policy, tokenizer, chat template, rollout backend and reward, wired into one learner."""
     from fgrpo.core.chat import prompt_format
-    from fgrpo.core.rollout import generate
 
     model, tokenizer = load_policy(config.model, config.tasks, seed)
-    generate_fn = generate
+    generate_fn = None  # the learner's default: rollout.generate with grpo.sampler
     if config.model.generation_backend == "vllm":
         from fgrpo.core.vllm_backend import VLLMGenerator
 

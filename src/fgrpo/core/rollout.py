@@ -7,13 +7,14 @@ sampled from.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from fgrpo.core.grpo import completion_mask_after_eos, token_log_probs
+from fgrpo.core.prompt_cache import cache_argument, positions_from_mask, shared_prompt_cache
+from fgrpo.core.sampler import sample as lean_sample
+from fgrpo.core.sampler import sampler_unsupported
 
 
 @dataclass
@@ -56,38 +57,44 @@ def generate(
     greedy: bool = False,
     add_special_tokens: bool = True,
     share_prompts: bool = True,
+    sampler: str = "auto",
 ) -> Rollouts:
     """Sample `num_generations` completions for every prompt (greedy: argmax decoding).
 
     This is the rollout interface every backend implements (see `vllm_backend`).
-    With `share_prompts`, each prompt is prefilled once and its KV cache repeated
-    for its G samples (`prefill_shared_prompts`) instead of prefilled G times.
+    `sampler="auto"` decodes with fgrpo's lean loop (`sampler.sample`: the tokens
+    of `generate`, finished rows dropped) when `sampler.sampler_unsupported` finds
+    nothing it cannot reproduce, else with transformers' `generate`; "hf" always
+    uses `generate`. With `share_prompts`, each prompt is prefilled once and its
+    KV cache repeated for its G samples instead of prefilled G times.
     """
     device = next(model.parameters()).device
     unique_ids, unique_mask = encode_prompts(tokenizer, prompts, device, add_special_tokens)  # (B, P)
     prompt_ids = unique_ids.repeat_interleave(num_generations, dim=0)  # (B*G, P)
     prompt_mask = unique_mask.repeat_interleave(num_generations, dim=0)
+    options = {
+        "max_new_tokens": max_completion_length,
+        "do_sample": not greedy,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "use_cache": True,
+        **({} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}),
+    }
+    lean = sampler == "auto" and sampler_unsupported(model, options) is None
     was_training = model.training
     model.eval()
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
     with torch.inference_mode():  # no autograd bookkeeping at all while sampling
-        prefilled = {}
-        if share_prompts and num_generations > 1 and unique_ids.size(1) > 1:
-            prefilled = {cache_argument(model): prefill_shared_prompts(model, unique_ids, unique_mask, num_generations)}
-        output = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=max_completion_length,
-            do_sample=not greedy,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-            **sampling,
-            **prefilled,
-        )
+        if lean:
+            completion_ids = lean_sample(
+                model, unique_ids, unique_mask, num_generations, max_completion_length,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=not greedy,
+                temperature=temperature, top_k=0, top_p=top_p, share_prompts=share_prompts,
+            ).token_ids
+        else:
+            completion_ids = hf_generate(model, prompt_ids, prompt_mask, unique_ids, unique_mask, num_generations, options, share_prompts)
     model.train(was_training)
     # A normal tensor again (an inference tensor cannot be saved for the backward of the loss forward).
-    completion_ids = output[:, prompt_ids.size(1) :].clone()  # (N, T), T <= max_completion_length
+    completion_ids = completion_ids.clone()  # (N, T), T <= max_completion_length
     completion_mask = completion_mask_after_eos(completion_ids, tokenizer.eos_token_id)
     # Tokens after the first EOS are padding; zero them so decoding ignores them.
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
@@ -95,27 +102,13 @@ def generate(
     return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, completions, num_generations)
 
 
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:  # (rows, L) -> (rows, L)
-    """Position ids of a left-padded layout: 0 at each row's first real token (what `generate` derives)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: int):
-    """Run B prompts once and repeat their KV cache G times: (B, P) -> (last logits (B, 1, V), cache of B*G rows).
-
-    Row k·G+j of the cache is prompt k, the layout of `Rollouts`. Under autograd the
-    repeat is differentiable, so gradients of all G rows flow into the one prompt pass.
-    """
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions_from_mask(prompt_mask),
-        logits_to_keep=1,  # left padding: the last position is every prompt's last token
-        use_cache=True,
-    )
-    cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_repeat_interleave(group)
-    return out.logits, cache
+def hf_generate(model, prompt_ids, prompt_mask, unique_ids, unique_mask, group: int, options: dict, share_prompts: bool):
+    """transformers' `generate` on the repeated prompts (B*G, P): the completion ids (B*G, T)."""
+    prefilled = {}
+    if share_prompts and group > 1 and unique_ids.size(1) > 1:
+        prefilled = {cache_argument(model): prefill_shared_prompts(model, unique_ids, unique_mask, group)}
+    output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **options, **prefilled)
+    return output[:, prompt_ids.size(1) :]
 
 
 def prefill_shared_prompts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: int):
@@ -188,14 +181,3 @@ def shared_prompt_logits(model, rollouts: Rollouts) -> torch.Tensor:  # (N, T, V
         **{cache_argument(model): cache},
     ).logits  # (N, T, V)
     return torch.cat([first, rest[:, :-1, :]], dim=1)
-
-
-@functools.lru_cache(maxsize=16)
-def _forward_takes_cache(forward_type: type) -> bool:
-    return "cache" in inspect.signature(forward_type.forward).parameters
-
-
-def cache_argument(model) -> str:
-    """The forward's KV-cache keyword: 'cache' in recent transformers, 'past_key_values' before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if _forward_takes_cache(type(base)) else "past_key_values"
