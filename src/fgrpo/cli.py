@@ -176,7 +176,7 @@ def tune(
             console.print(f"{method}: validation accuracy {tuned[method].best_value:.1%} with {values} ({tuned[method].budget_text()})")
     if write:
         write_tuned(config, tuned)
-        console.print(f"wrote [tuned.*] for {', '.join(names)} into {config}")
+        console.print(f"wrote \\[tuned.*] for {', '.join(names)} into {config}")
 
 
 @app.command()
