@@ -73,7 +73,7 @@ def test_configure_sends_theta_and_the_round_config_to_every_sampled_node(loop):
 
 
 def test_screen_drops_a_broken_reply_and_aggregate_weighs_the_rest_by_examples(loop, tmp_path):
-    server = loop(broken={2})
+    server = loop(broken={2}, defense={"norm_clip": "off"})  # by default client 1 (norm 2 vs 1) would be clipped to 1.5
     messages = server.configure(1)
     ok, failures = server.screen(messages, server.send(messages))
     assert [f.client_id for f in failures] == [2] and "non-finite" in failures[0].reason

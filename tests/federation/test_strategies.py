@@ -354,7 +354,8 @@ def as_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def test_fgrpo_three_rounds_tracks_baselines_of_participants_only():
-    s = FGRPO(gain="relative", temperature=1.0, baseline_decay=0.5, delta=1e-3, min_available_nodes=3)
+    # w_max = 1: this checks the uncapped formula (the default "auto" cap has its own tests).
+    s = FGRPO(gain="relative", temperature=1.0, baseline_decay=0.5, delta=1e-3, w_max=1.0, min_available_nodes=3)
     sizes = {0: 10, 1: 30, 2: 20}
     # round 1: clients 0 and 1, first participation -> gains 0, weights = sizes 10:30
     out, metrics = run_round(s, 1, THETA, [reply(0, client_theta(0, 1), 10, 2.0), reply(1, client_theta(1, 1), 30, 0.5)])
@@ -403,7 +404,7 @@ def test_fgrpo_zscore_needs_two_past_values():
 
 def test_fgrpo_with_infinite_temperature_equals_flower_fedavg():
     replies = [reply(c, client_theta(c, 1), n, r) for c, n, r in [(0, 7, 5.0), (1, 13, -1.0), (2, 30, 0.3)]]
-    fgrpo = FGRPO(temperature=math.inf)
+    fgrpo = FGRPO(temperature=math.inf, w_max=1.0)  # no cap: client 2 holds 60% of the data
     fedavg = FedAvg()
     for _ in range(2):  # second round has baselines, τ = inf must still ignore them
         ours, _ = run_round(fgrpo, 1, THETA, replies)
@@ -558,7 +559,7 @@ def test_noise_aware_gains_keep_designs_properties(gain, shrink, rewards, c, tau
 @pytest.mark.parametrize("gain, shrink", NOISE_GAINS)
 def test_noise_aware_gains_with_infinite_temperature_are_fedavg(gain, shrink):
     rounds = [[(0, 10, 1.0, 0.01, 0.5, 0.01), (1, 30, 0.2, 0.04, -0.1, 0.02)]] * 3
-    last = three_rounds(FGRPO(gain=gain, shrink=shrink, temperature=math.inf), rounds)
+    last = three_rounds(FGRPO(gain=gain, shrink=shrink, temperature=math.inf, w_max=1.0), rounds)
     np.testing.assert_allclose(last.weights, [0.25, 0.75])
 
 

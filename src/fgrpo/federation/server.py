@@ -230,7 +230,7 @@ class RoundLoop:
             num_clients=fed.num_clients,
             weight_key=weight_key(self.config),
         )
-        ok, self.norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
+        ok, self.norms, rejected = clip_replies(ok, current, fed.defense.clip_multiple, fed.defense.norm_clip_mode)
         return ok, failures + rejected
 
     def aggregate(self, server_round: int, ok: list[Message]) -> bool:
