@@ -17,7 +17,9 @@ again, so the grid can be filled over several invocations (`--settings`,
 `--cases`, `--seeds`). Prints, per method and setting, the final global
 held-out accuracy per seed, the paired difference attacked − honest with a 95%
 bootstrap CI (`fgrpo.reporting.stats`), and the liar's largest aggregation
-weight and smallest clip factor in any round (from each run's metrics.jsonl);
+weight and smallest clip factor in any round, and the number of rounds it was
+aggregated in (from each run's metrics.jsonl: from round 10 its report 10^10
+exceeds the reply checks' ±1e9 bound on reward-mean, so it is refused there);
 then the "cost when nobody lies": honest defaults − honest previous, paired.
 `--json PATH` also writes every number.
 """
@@ -125,8 +127,8 @@ def main() -> None:
         result["cells"][f"{setting}/{case}/{method}"] = {"accuracy": values, "influence": influence[(setting, case, method)]}
     print(f"Final global held-out accuracy (%), seeds {seeds}; liar = owner {LIAR} (reward 10^round, update ×20).")
     print("| method | setting | honest (per seed) | honest mean | attacked (per seed) | attacked mean "
-          "| attacked − honest [95% CI] | liar's max weight | liar's min clip factor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| attacked − honest [95% CI] | liar's max weight | liar's min clip factor | rounds the liar was aggregated |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for method in methods:
         for setting in settings:
             honest = accuracy.get((setting, "honest", method), {})
@@ -136,12 +138,13 @@ def main() -> None:
             liar = influence.get((setting, "attacked", method), {})
             max_weight = max((v["liar_max_weight"] for v in liar.values()), default=math.nan)
             min_factor = min((v["liar_min_clip_factor"] for v in liar.values()), default=math.nan)
+            taken = sorted({v["liar_rounds"] for v in liar.values()})
             rows.append(
                 f"| {method} | {setting} | {' / '.join(fmt(honest[s]) for s in sorted(honest)) or 'n/a'} "
                 f"| {fmt(statistics.mean(honest.values())) if honest else 'n/a'} "
                 f"| {' / '.join(fmt(attacked[s]) for s in sorted(attacked)) or 'n/a'} "
                 f"| {fmt(statistics.mean(attacked.values())) if attacked else 'n/a'} | {diff} "
-                f"| {max_weight:.3f} | {min_factor:.3f} |"
+                f"| {max_weight:.3f} | {min_factor:.3f} | {'/'.join(map(str, taken)) or 'n/a'} |"
             )
     print("\n".join(rows))
     if {"defaults", "previous"} <= set(settings) and "honest" in cases:
