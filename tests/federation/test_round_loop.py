@@ -160,3 +160,15 @@ def test_partial_participation_bounds_the_liar_by_the_one_other_client_of_its_ro
         (other,) = [cid for cid in clients if cid != 3]
         norm, factor, _ = clients[3]
         assert norm * factor == pytest.approx(1.5 * clients[other][0])
+
+
+def test_local_only_owners_are_not_clipped(loop):
+    """Nothing is averaged for local-only, so the default clip must not touch (or log) their updates."""
+    server = loop(liar=2, method="local")
+    messages = server.configure(1)
+    server.screen(messages, server.send(messages))
+    assert all(factor == 1.0 for _, factor in server.norms.values())
+    clipped = loop(liar=2, method="fedavg")
+    messages = clipped.configure(1)
+    clipped.screen(messages, clipped.send(messages))
+    assert clipped.norms[2][1] < 1.0

@@ -149,7 +149,7 @@ def auto_weight_cap(k: int) -> float:
     clients a liar's pull shrinks like 1/K), while leaving honest gains room
     to tilt the average. K = 1: 1. K = 2: ½, so both weights are ½ and FGRPO
     reduces to equal weights (a cap below ½ is infeasible with two clients).
-    K = 3: ½; K ≥ 3: 1.5/K.
+    K ≥ 3: 1.5/K (½ at K = 3, 0.375 at K = 4).
     """
     if k < 1:
         raise ValueError(f"auto_weight_cap: need K >= 1 clients, got {k}")

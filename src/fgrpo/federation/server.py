@@ -230,7 +230,9 @@ class RoundLoop:
             num_clients=fed.num_clients,
             weight_key=weight_key(self.config),
         )
-        ok, self.norms, rejected = clip_replies(ok, current, fed.defense.clip_multiple, fed.defense.norm_clip_mode)
+        # Local-only owners share nothing, so there is no average to protect: their updates are not clipped.
+        multiple = None if fed.method == "local" else fed.defense.clip_multiple
+        ok, self.norms, rejected = clip_replies(ok, current, multiple, fed.defense.norm_clip_mode)
         return ok, failures + rejected
 
     def aggregate(self, server_round: int, ok: list[Message]) -> bool:
