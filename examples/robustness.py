@@ -1,63 +1,161 @@
-"""One lying client against FGRPO and FedAvg, with and without defences.
+"""One lying data owner against FGRPO and FedAvg: the defaults versus the previous (undefended) defaults.
 
-    python examples/robustness.py [--seeds 1] [--out runs/robustness]
+    python examples/robustness.py [--seeds 0,1,2] [--methods fgrpo,fedavg] [--out runs/robustness]
+                                  [--settings defaults,previous] [--set federation.fraction_train=0.5]
 
-Runs the shipped quickstart scenario three ways for each method:
-- honest: every client tells the truth;
-- attacked: client 0 reports a fake, ever-growing reward (10^round, so FGRPO
-  sees a huge relative gain) and sends θ_t + 20·(θ_k − θ_t);
-- defended: the same attack, with update-norm clipping at 3× the round's
-  median, coordinate-wise median aggregation (FGRPO: weighted by its own
-  weights with the cap w_max = 0.45 < ½; FedAvg: Flower's FedMedian).
-Prints final global held-out accuracy (mean ± std over seeds) per cell.
+Runs the shipped quickstart scenario (`fgrpo quickstart`'s) for every method,
+seed, setting and case, one run at a time, in OUT/<setting>/<case>/<method>/seed<k>/:
+- settings: "defaults" changes no defence (norm_clip 1.5 × the round's
+  lower-median norm, FGRPO's w_max = "auto"); "previous" is what the defaults
+  were before issue 16: no norm clipping, and FGRPO's w_max = 0.7 as the old
+  quickstart had (FedAvg: no clipping);
+- cases: "honest" (every owner tells the truth) and "attacked" (owner 0 lies:
+  it reports reward-mean = 10^round, a fake, ever-growing gain, and sends
+  θ_t + 20·(θ_k − θ_t); `federation.attack`).
+A run whose summary.json exists with the same config.toml is read, not run
+again, so the grid can be filled over several invocations (`--settings`,
+`--cases`, `--seeds`). Prints, per method and setting, the final global
+held-out accuracy per seed, the paired difference attacked − honest with a 95%
+bootstrap CI (`fgrpo.reporting.stats`), and the liar's largest aggregation
+weight and smallest clip factor in any round, and the number of rounds it was
+aggregated in (from each run's metrics.jsonl: from round 10 its report 10^10
+exceeds the reply checks' ±1e9 bound on reward-mean, so it is refused there);
+then the "cost when nobody lies": honest defaults − honest previous, paired.
+`--json PATH` also writes every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 from importlib import resources
 from pathlib import Path
 
-from fgrpo.config import load_config
-from fgrpo.deploy.runtime import quiet_flower_logs, run_comparison
+from fgrpo.config import Config, deep_merge, dump_config, load_config, parse_override
+from fgrpo.deploy.runtime import quiet_flower_logs, run_simulation, with_method
+from fgrpo.reporting.stats import paired_comparison
 
-ATTACK = {"attack": {"clients": [0], "reward_growth": 10.0, "update_scale": 20.0}}
-VARIANTS = {
-    "honest": {},
-    "attacked": ATTACK,
-    "defended": {
-        **ATTACK,
-        "defense": {"norm_clip": 3.0, "robust": "median"},
-        "fgrpo": {"w_max": 0.45},
-    },
+LIAR = 0
+ATTACK = {"federation": {"attack": {"clients": [LIAR], "reward_growth": 10.0, "update_scale": 20.0}}}
+SETTINGS = {
+    "defaults": {},
+    "previous": {"federation": {"defense": {"norm_clip": "off"}, "fgrpo": {"w_max": 0.7}}},
 }
+CASES = {"honest": {}, "attacked": ATTACK}
+
+
+def cell_config(overrides: dict, setting: str, case: str, method: str, seed: int, out: Path) -> Config:
+    scenario = resources.files("fgrpo") / "scenarios" / "quickstart.toml"
+    config = load_config(str(scenario), deep_merge(deep_merge(overrides, SETTINGS[setting]), CASES[case]))
+    return with_method(config, method, seed, out / setting / case / method / f"seed{seed}")
+
+
+def run_or_read(config: Config) -> dict:
+    """The run's summary: read when an identical run already finished there, else run it."""
+    run_dir = Path(config.output.dir)
+    done = run_dir / "summary.json"
+    if done.is_file() and (run_dir / "config.toml").read_text() == dump_config(config):
+        return json.loads(done.read_text())
+    return run_simulation(config, overwrite=True, progress=False)
+
+
+def liar_influence(run_dir: Path, liar: int = LIAR) -> dict:
+    """The liar's largest aggregation weight and smallest clip factor over all rounds (metrics.jsonl)."""
+    weights, factors = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "client" and record.get("client") == liar and record.get("agg/weight") is not None:
+            weights.append(record["agg/weight"])
+            factors.append(record.get("defense/clip_factor", 1.0))
+    return {
+        "liar_max_weight": max(weights, default=math.nan),
+        "liar_min_clip_factor": min(factors, default=math.nan),
+        "liar_rounds": len(weights),
+    }
+
+
+def fmt(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def comparison_cell(values: dict[int, float], reference: dict[int, float]) -> tuple[str, dict]:
+    if not values or not reference:
+        return "n/a", {}
+    c = paired_comparison(values, reference)
+    text = f"{100 * c.mean:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]" if math.isfinite(c.ci_low) else f"{100 * c.mean:+.1f}"
+    return text, {"seeds": list(c.seeds), "differences": list(c.differences), "mean": c.mean, "ci_low": c.ci_low,
+                  "ci_high": c.ci_high, "p_value": c.p_value, "verdict": c.verdict}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (default 0,1,2).")
     parser.add_argument("--methods", default="fgrpo,fedavg")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"Subset of {', '.join(SETTINGS)}.")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"Subset of {', '.join(CASES)}.")
+    parser.add_argument("--set", dest="set_values", action="append", default=[], help="Override, e.g. federation.fraction_train=0.5.")
     parser.add_argument("--out", type=Path, default=Path("runs/robustness"))
+    parser.add_argument("--json", type=Path, default=None, help="Also write every number here.")
     args = parser.parse_args()
     quiet_flower_logs()
-    scenario = resources.files("fgrpo") / "scenarios" / "quickstart.toml"
-    methods = args.methods.split(",")
-    table: dict[tuple[str, str], list[float]] = {}
-    for variant, federation in VARIANTS.items():
-        config = load_config(str(scenario), {"federation": federation})
-        summaries = run_comparison(config, methods, list(range(args.seeds)), args.out / variant, overwrite=True)
-        for summary in summaries:
-            table.setdefault((variant, summary["method"]), []).append(summary["final/acc_heldout"])
-    print("| method | " + " | ".join(VARIANTS) + " |")
-    print("|---|" + "---|" * len(VARIANTS))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods, settings, cases = args.methods.split(","), args.settings.split(","), args.cases.split(",")
+    for name, chosen, known in (("setting", settings, SETTINGS), ("case", cases, CASES)):
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            parser.error(f"unknown {name}(s) {unknown}; choose from {', '.join(known)}")
+    overrides: dict = {}
+    for text in args.set_values:
+        overrides = deep_merge(overrides, parse_override(text))
+
+    # accuracy[(setting, case, method)][seed]; influence[(setting, case, method)][seed]
+    accuracy: dict[tuple[str, str, str], dict[int, float]] = {}
+    influence: dict[tuple[str, str, str], dict[int, dict]] = {}
+    for setting in settings:
+        for case in cases:
+            for method in methods:
+                for seed in seeds:
+                    config = cell_config(overrides, setting, case, method, seed, args.out)
+                    summary = run_or_read(config)
+                    accuracy.setdefault((setting, case, method), {})[seed] = summary["final/acc_heldout"]
+                    influence.setdefault((setting, case, method), {})[seed] = liar_influence(Path(config.output.dir))
+
+    rows, result = [], {"seeds": seeds, "overrides": overrides, "cells": {}, "comparisons": {}}
+    for (setting, case, method), values in accuracy.items():
+        result["cells"][f"{setting}/{case}/{method}"] = {"accuracy": values, "influence": influence[(setting, case, method)]}
+    print(f"Final global held-out accuracy (%), seeds {seeds}; liar = owner {LIAR} (reward 10^round, update ×20).")
+    print("| method | setting | honest (per seed) | honest mean | attacked (per seed) | attacked mean "
+          "| attacked − honest [95% CI] | liar's max weight | liar's min clip factor | rounds the liar was aggregated |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for method in methods:
-        cells = []
-        for variant in VARIANTS:
-            values = table[(variant, method)]
-            spread = f" ± {statistics.stdev(values):.1%}" if len(values) > 1 else ""
-            cells.append(f"{statistics.mean(values):.1%}{spread}")
-        print(f"| {method} | " + " | ".join(cells) + " |")
+        for setting in settings:
+            honest = accuracy.get((setting, "honest", method), {})
+            attacked = accuracy.get((setting, "attacked", method), {})
+            diff, stats = comparison_cell(attacked, honest)
+            result["comparisons"][f"{setting}/{method}/attacked-honest"] = stats
+            liar = influence.get((setting, "attacked", method), {})
+            max_weight = max((v["liar_max_weight"] for v in liar.values()), default=math.nan)
+            min_factor = min((v["liar_min_clip_factor"] for v in liar.values()), default=math.nan)
+            taken = sorted({v["liar_rounds"] for v in liar.values()})
+            rows.append(
+                f"| {method} | {setting} | {' / '.join(fmt(honest[s]) for s in sorted(honest)) or 'n/a'} "
+                f"| {fmt(statistics.mean(honest.values())) if honest else 'n/a'} "
+                f"| {' / '.join(fmt(attacked[s]) for s in sorted(attacked)) or 'n/a'} "
+                f"| {fmt(statistics.mean(attacked.values())) if attacked else 'n/a'} | {diff} "
+                f"| {max_weight:.3f} | {min_factor:.3f} | {'/'.join(map(str, taken)) or 'n/a'} |"
+            )
+    print("\n".join(rows))
+    if {"defaults", "previous"} <= set(settings) and "honest" in cases:
+        print("\nCost when nobody lies: honest defaults − honest previous defaults (points, paired, 95% CI)")
+        for method in methods:
+            diff, stats = comparison_cell(accuracy[("defaults", "honest", method)], accuracy[("previous", "honest", method)])
+            result["comparisons"][f"{method}/honest-defaults-minus-previous"] = stats
+            print(f"- {method}: {diff}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,35 @@ def test_fgrpo_temperature_accepts_inf(tmp_path):
         load_config(write(tmp_path, "[federation.fgrpo]\nw_min = 0.6\nw_max = 0.5\n"))
 
 
+def test_defaults_are_safe_and_each_can_be_overridden_or_turned_off(tmp_path):
+    defaults = load_config(write(tmp_path, "[federation]\n"))
+    assert defaults.federation.defense.norm_clip == 1.5 and defaults.federation.defense.clip_multiple == 1.5
+    assert defaults.federation.defense.norm_clip_mode == "scale"
+    assert defaults.federation.fgrpo.w_max == "auto"
+    off = load_config(write(tmp_path, '[federation.defense]\nnorm_clip = "off"\n[federation.fgrpo]\nw_max = 0.7\n'))
+    assert off.federation.defense.clip_multiple is None and off.federation.fgrpo.w_max == 0.7
+    # "off" survives the config.toml written next to a run (TOML has no null: None must not fall back to 1.5).
+    again = load_config(write(tmp_path, dump_config(off)))
+    assert again.federation.defense.clip_multiple is None and again.federation.fgrpo.w_max == 0.7
+    assert load_config(write(tmp_path, "[federation.defense]\nnorm_clip = 3\n")).federation.defense.clip_multiple == 3.0
+    assert parse_override("federation.defense.norm_clip=off") == {"federation": {"defense": {"norm_clip": "off"}}}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[federation.defense]\nnorm_clip = "of"\n', "federation.defense.norm_clip: expected a number > 1 or 'off'"),
+        ("[federation.defense]\nnorm_clip = 1.0\n", "federation.defense.norm_clip: expected a number > 1 or 'off'"),
+        ('[federation.fgrpo]\nw_max = "aut"\n', r"federation.fgrpo.w_max: expected a number in \(0, 1\] or 'auto'"),
+        ("[federation.fgrpo]\nw_max = 1.5\n", r"federation.fgrpo.w_max: expected a number in \(0, 1\] or 'auto'"),
+    ],
+)
+def test_bad_norm_clip_or_w_max_gets_one_clear_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(write(tmp_path, text))
+    assert str(error.value).count("\n") == 1  # one line for the key, not one per member of the union
+
+
 def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1]
     for path in [*root.glob("examples/*.toml"), *root.glob("src/fgrpo/scenarios/*.toml")]:

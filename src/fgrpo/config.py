@@ -295,6 +295,14 @@ class TrainingConfig(Section):
     time_limit_s: float | None = Field(None, gt=0, description="Stop training after this many seconds (then evaluate).")
 
 
+def _number_or_keyword(value: Any, handler: Any, keyword: str, number: str) -> Any:
+    """Validate a `number | Literal[keyword]` field with one error message instead of one per union member."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(f"expected {number} or {keyword!r}") from None
+
+
 class FGRPOOptions(Section):
     gain: Literal["relative", "zscore", "standard_error", "in_round"] = Field(
         "relative",
@@ -306,13 +314,18 @@ class FGRPOOptions(Section):
     baseline_decay: float = Field(0.5, ge=0, lt=1, description="β of the EMA baseline B ← βB + (1−β)R.")
     delta: float = Field(1e-3, gt=0, description="δ: floor of the gain's denominator.")
     w_min: float = Field(0.0, ge=0, le=1, description="Weight floor.")
-    w_max: float = Field(1.0, gt=0, le=1, description="Weight cap (a lying client gets at most this).")
+    w_max: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Weight cap (a lying client gets at most this). 'auto': max(1/K, min(0.5, 1.5/K)) with K the "
+        "clients aggregated that round: never more than half, nor 1.5× an equal share (K = 2: both ½, FedAvg's "
+        "equal weights).",
+    )
     size_prior: bool = Field(True, description="Prior p_k = n_k/Σn (true) or uniform (false).")
     server_lr: float = Field(1.0, ge=0, description="η_server of θ ← θ + η Σ w_k Δ_k.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "FGRPOOptions":
-        if self.w_min > self.w_max:
+        if self.w_max != "auto" and self.w_min > self.w_max:
             raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
         return self
 
@@ -320,6 +333,11 @@ class FGRPOOptions(Section):
     @classmethod
     def _inf(cls, value: Any) -> Any:
         return math.inf if value in ("inf", "infinity") else value
+
+    @field_validator("w_max", mode="wrap")
+    @classmethod
+    def _auto(cls, value: Any, handler: Any) -> Any:
+        return _number_or_keyword(value, handler, "auto", "a number in (0, 1]")
 
 
 class ServerOptConfig(Section):
@@ -338,16 +356,29 @@ class PartitionConfig(Section):
 
 
 class DefenseConfig(Section):
-    """Server-side defences against faulty or lying clients (applied before any strategy aggregates)."""
+    """Server-side defences against faulty or lying clients (applied before any strategy aggregates; clipping is on by default)."""
 
-    norm_clip: float | None = Field(
-        None, gt=1, description="Updates with ‖Δ‖ above this multiple of the round's median norm are scaled (or rejected)."
+    norm_clip: Annotated[float, Field(gt=1)] | Literal["off"] = Field(
+        1.5,
+        description="Updates with ‖Δ‖ above this multiple of the round's lower-median norm are scaled (or rejected); "
+        "'off' disables it.",
     )
     norm_clip_mode: Literal["scale", "reject"] = Field("scale", description="What to do with an oversized update.")
     robust: Literal["none", "median", "trimmed_mean"] = Field(
         "none", description="Coordinate-wise robust aggregation of the (weighted) updates."
     )
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="Share cut from each end for 'trimmed_mean'.")
+
+    @field_validator("norm_clip", mode="wrap")
+    @classmethod
+    def _off(cls, value: Any, handler: Any) -> Any:
+        # Python callers may say None; TOML has no null, so the file says "off" (and a dumped config keeps it).
+        return _number_or_keyword("off" if value is None else value, handler, "off", "a number > 1")
+
+    @property
+    def clip_multiple(self) -> float | None:
+        """The norm_clip multiple, or None when clipping is off."""
+        return None if self.norm_clip == "off" else float(self.norm_clip)
 
 
 class DPConfig(Section):

@@ -10,6 +10,7 @@ from scipy import stats
 
 from fgrpo.federation.defense import (
     norm_clip_factors,
+    reference_norm,
     robust_update,
     scale_update,
     screen_update,
@@ -44,11 +45,34 @@ def test_update_norm_and_scale_by_hand():
     assert half["a"].dtype == np.float32
 
 
-def test_norm_clip_factors_bound_outliers_to_a_multiple_of_the_median():
-    factors = norm_clip_factors([1.0, 2.0, 3.0, 100.0], multiple=2.0)  # median 2.5 → bound 5
-    np.testing.assert_allclose(factors, [1, 1, 1, 0.05])
+def test_norm_clip_factors_bound_outliers_to_a_multiple_of_the_lower_median():
+    factors = norm_clip_factors([1.0, 2.0, 3.0, 100.0], multiple=2.0)  # lower median 2 → bound 4
+    np.testing.assert_allclose(factors, [1, 1, 1, 0.04])
     np.testing.assert_allclose(norm_clip_factors([0.0, 0.0, 1.0], 3.0), [1, 1, 0])  # median 0: only zero updates pass
     assert norm_clip_factors([], 3.0).shape == (0,)
+
+
+def test_reference_norm_is_the_lower_median_so_one_liar_is_never_the_reference():
+    assert reference_norm([5.0]) == 5.0
+    assert reference_norm([1.0, 20.0]) == 1.0  # K = 2: the smaller one, not their mean 10.5
+    assert reference_norm([3.0, 1.0, 2.0]) == 2.0
+    assert reference_norm([4.0, 1.0, 3.0, 2.0]) == 2.0  # sorted(norms)[(K − 1) // 2]
+    # K = 2 (a liar sampled with one honest client): the liar is bounded by 1.5× the honest norm.
+    np.testing.assert_allclose(norm_clip_factors([1.0, 20.0], 1.5), [1.0, 1.5 / 20.0])
+    np.testing.assert_allclose(norm_clip_factors([7.0], 1.5), [1.0])  # K = 1: nothing to compare with
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0.01, 10.0), min_size=2, max_size=9),
+    st.floats(1.01, 5.0),
+    st.floats(1.0, 1e6),
+)
+def test_one_liar_is_bounded_by_the_honest_norms_whatever_its_size(honest, multiple, blowup):
+    """Any single update, however large, ends at most `multiple` × the largest honest norm (K ≥ 2)."""
+    liar = max(honest) * blowup
+    factors = norm_clip_factors([*honest, liar], multiple)
+    assert factors[-1] * liar <= multiple * max(honest) * (1 + 1e-9)
 
 
 def test_weighted_median_by_hand():

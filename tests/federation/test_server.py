@@ -120,7 +120,8 @@ def test_too_few_healthy_clients_fail_clearly_and_keep_the_checkpoint(tmp_path):
     assert load_checkpoint(run_dir).server_round == 0  # the initial state survived, ready for --resume
 
 
-def attacked_config(tmp_path, name, defended: bool):
+def attacked_config(tmp_path, name, defended: bool | None):
+    """defended: True = explicit defences, None = the defaults, False = none (the defaults before issue 16)."""
     from conftest import small_config_dict
 
     data = small_config_dict(tmp_path / name)
@@ -137,12 +138,15 @@ def attacked_config(tmp_path, name, defended: bool):
     }
     if defended:
         fed.update(defense={"norm_clip": 3.0, "robust": "median"}, fgrpo={"w_max": 0.45})
+    elif defended is False:
+        fed.update(defense={"norm_clip": "off"}, fgrpo={"w_max": 1.0})
     return config_from_dict({**data, "federation": fed})
 
 
-def test_attacker_wins_weight_without_defences_and_is_bounded_with_them(tmp_path):
+def test_attacker_wins_weight_without_defences_and_is_bounded_with_them_and_by_default(tmp_path):
     run_simulation(attacked_config(tmp_path, "open", defended=False), progress=False)
     run_simulation(attacked_config(tmp_path, "guarded", defended=True), progress=False)
+    run_simulation(attacked_config(tmp_path, "default", defended=None), progress=False)
     open_clients = records(tmp_path / "open" / "run", "client")
     guarded = records(tmp_path / "guarded" / "run", "client")
 
@@ -158,6 +162,14 @@ def test_attacker_wins_weight_without_defences_and_is_bounded_with_them(tmp_path
     assert guarded2[0]["agg/weight"] <= 0.45 + 1e-9
     assert guarded2[0]["defense/clip_factor"] < 0.2
     assert all("defense/clip_factor" not in r for cid, r in guarded2.items() if cid != 0)
+    # With no defence configured at all (the defaults), the same liar is capped at ½ (K = 3) and its
+    # 50× update is scaled to 1.5× the round's lower-median norm, in every round.
+    for rnd in (1, 2):
+        defaults = {r["client"]: r for r in records(tmp_path / "default" / "run", "client") if r["round"] == rnd and "agg/weight" in r}
+        assert defaults[0]["agg/weight"] <= 0.5 + 1e-9
+        lower_median = sorted(r["client/update_norm"] for r in defaults.values())[1]  # K = 3: the middle one, an honest norm
+        assert defaults[0]["client/update_norm"] * defaults[0]["defense/clip_factor"] == pytest.approx(1.5 * lower_median, rel=1e-6)
+        assert lower_median <= max(r["client/update_norm"] for cid, r in defaults.items() if cid != 0)
 
 
 def test_dp_clips_adds_noise_and_reports_epsilon(tmp_path):

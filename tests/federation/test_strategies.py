@@ -354,7 +354,8 @@ def as_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def test_fgrpo_three_rounds_tracks_baselines_of_participants_only():
-    s = FGRPO(gain="relative", temperature=1.0, baseline_decay=0.5, delta=1e-3, min_available_nodes=3)
+    # w_max = 1: this checks the uncapped formula (the default "auto" cap has its own tests).
+    s = FGRPO(gain="relative", temperature=1.0, baseline_decay=0.5, delta=1e-3, w_max=1.0, min_available_nodes=3)
     sizes = {0: 10, 1: 30, 2: 20}
     # round 1: clients 0 and 1, first participation -> gains 0, weights = sizes 10:30
     out, metrics = run_round(s, 1, THETA, [reply(0, client_theta(0, 1), 10, 2.0), reply(1, client_theta(1, 1), 30, 0.5)])
@@ -403,7 +404,7 @@ def test_fgrpo_zscore_needs_two_past_values():
 
 def test_fgrpo_with_infinite_temperature_equals_flower_fedavg():
     replies = [reply(c, client_theta(c, 1), n, r) for c, n, r in [(0, 7, 5.0), (1, 13, -1.0), (2, 30, 0.3)]]
-    fgrpo = FGRPO(temperature=math.inf)
+    fgrpo = FGRPO(temperature=math.inf, w_max=1.0)  # no cap: client 2 holds 60% of the data
     fedavg = FedAvg()
     for _ in range(2):  # second round has baselines, τ = inf must still ignore them
         ours, _ = run_round(fgrpo, 1, THETA, replies)
@@ -558,7 +559,7 @@ def test_noise_aware_gains_keep_designs_properties(gain, shrink, rewards, c, tau
 @pytest.mark.parametrize("gain, shrink", NOISE_GAINS)
 def test_noise_aware_gains_with_infinite_temperature_are_fedavg(gain, shrink):
     rounds = [[(0, 10, 1.0, 0.01, 0.5, 0.01), (1, 30, 0.2, 0.04, -0.1, 0.02)]] * 3
-    last = three_rounds(FGRPO(gain=gain, shrink=shrink, temperature=math.inf), rounds)
+    last = three_rounds(FGRPO(gain=gain, shrink=shrink, temperature=math.inf, w_max=1.0), rounds)
     np.testing.assert_allclose(last.weights, [0.25, 0.75])
 
 
@@ -580,3 +581,54 @@ def test_in_round_gain_needs_no_history_and_shrinkage_silences_noise():
     np.testing.assert_allclose(plain.gains, [0.05, 10.0])
     shrunk = three_rounds(FGRPO(gain="in_round", shrink=True), [noisy])
     assert abs(shrunk.gains[0]) < 0.01 and shrunk.gains[1] == pytest.approx(10.0 * 100 / 101)
+
+
+# --------------------------------------------------------------------------- the default cap (issue 16)
+
+
+def liar_weights(strategy, rounds):
+    """Client 0 reports reward 10^round (fake, ever-growing gain); the others a flat 0.5. Its weight per round."""
+    weights = []
+    for rnd, present in enumerate(rounds, start=1):
+        replies = [reply(c, client_theta(c, rnd), 10 * (c + 1), 10.0**rnd if c == 0 else 0.5) for c in present]
+        run_round(strategy, rnd, THETA, replies)
+        last = strategy.last_aggregation
+        assert math.isclose(sum(last.weights), 1.0, rel_tol=1e-9)
+        weights.append(dict(zip(last.client_ids, last.weights)).get(0))
+    return weights
+
+
+def test_fgrpo_default_caps_a_liar_at_one_and_a_half_equal_shares():
+    assert FGRPO().w_max == "auto"
+    capped = liar_weights(FGRPO(), [[0, 1, 2, 3]] * 4)
+    assert capped[0] < 0.375 and capped[1:] == pytest.approx([0.375] * 3)  # gain 0 at first sight, then 1.5/4
+    uncapped = liar_weights(FGRPO(w_max=1.0), [[0, 1, 2, 3]] * 4)  # the override still works
+    assert uncapped[-1] > 0.99
+    assert liar_weights(FGRPO(w_max=0.3), [[0, 1, 2, 3]] * 4)[-1] == pytest.approx(0.3)
+
+
+def test_fgrpo_default_with_two_clients_is_equal_weights():
+    """K = 2: a cap below ½ is infeasible, so "auto" gives ½ each: FGRPO reduces to equal (not n_k) weights."""
+    s = FGRPO()
+    liar_weights(s, [[0, 1]] * 3)
+    assert s.last_aggregation.weights == pytest.approx([0.5, 0.5])
+    assert s.last_aggregation.gains[0] > 1  # the fake gain is there, it just buys nothing
+
+
+def test_fgrpo_default_cap_follows_the_clients_of_each_round_under_partial_participation():
+    """The liar absent some rounds, present with 1, 2 or 3 others: its weight is capped by that round's K."""
+    rounds = [[0, 1, 2, 3], [1, 2], [0, 3], [0, 1, 2], [2, 3], [0, 1, 2, 3]]
+    weights = liar_weights(FGRPO(), rounds)
+    for present, weight in zip(rounds, weights):
+        if 0 in present:
+            k = len(present)
+            assert weight <= max(1 / k, min(0.5, 1.5 / k)) + 1e-12
+        else:
+            assert weight is None
+    assert weights[2] == pytest.approx(0.5) and weights[3] == pytest.approx(0.5) and weights[5] == pytest.approx(0.375)
+
+
+def test_fgrpo_accepts_auto_and_refuses_other_words():
+    assert FGRPO(w_max="auto", w_min=0.9).w_max == "auto"  # w_min is clipped to 1/K per round
+    with pytest.raises(ConfigError, match="w_max"):
+        FGRPO(w_max="max")

@@ -136,17 +136,48 @@ def _clip_to_bounds(logits: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return result
 
 
+AUTO = "auto"
+
+
+def auto_weight_cap(k: int) -> float:
+    """w_max = "auto" for a round that aggregates K clients: max(1/K, min(½, 1.5/K)).
+
+    Why: FGRPO's weights come from statistics the clients report about
+    themselves, so a liar with a huge fake gain would take all the weight
+    under a cap of 1. This cap keeps any one client below half of the round
+    (so it never holds a majority) and below 1.5× its equal share (so with many
+    clients a liar's pull shrinks like 1/K), while leaving honest gains room
+    to tilt the average. K = 1: 1. K = 2: ½, so both weights are ½ and FGRPO
+    reduces to equal weights (a cap below ½ is infeasible with two clients).
+    K ≥ 3: 1.5/K (½ at K = 3, 0.375 at K = 4).
+    """
+    if k < 1:
+        raise ValueError(f"auto_weight_cap: need K >= 1 clients, got {k}")
+    return max(1.0 / k, min(0.5, 1.5 / k))
+
+
+def weight_cap(w_max: float | str, k: int) -> float:
+    """The numeric cap of a round with K clients: `w_max` itself, or `auto_weight_cap(K)` for "auto"."""
+    if w_max == AUTO:
+        return auto_weight_cap(k)
+    if isinstance(w_max, str):
+        raise ValueError(f"w_max must be a number in (0, 1] or {AUTO!r}, got {w_max!r}")
+    return float(w_max)
+
+
 def aggregation_weights(
     gains: Sequence[float] | np.ndarray,
     num_examples: Sequence[float] | np.ndarray,
     temperature: float = 1.0,
     w_min: float = 0.0,
-    w_max: float = 1.0,
+    w_max: float | str = 1.0,
     size_prior: bool = True,
 ) -> np.ndarray:
     """FGRPO weights w_k ∝ p_k · exp(g_k / τ), bounded to [w_min, w_max], Σ w = 1.
 
-    gains (K,), num_examples (K,) -> weights (K,).
+    gains (K,), num_examples (K,) -> weights (K,). `w_max = "auto"` is
+    `auto_weight_cap(K)` (the FGRPO strategy's and the config's default; this
+    pure function defaults to no cap, 1.0, so the math can be tested alone).
     - p_k = n_k / Σn (size_prior) or 1/K; computed as log p_k + g_k/τ and
       normalised by log-sum-exp, so huge gains do not overflow.
     - τ = inf returns p exactly (FedAvg's sample-size weights) when p is within
@@ -168,7 +199,7 @@ def aggregation_weights(
         raise ValueError(f"aggregation_weights: num_examples must be finite and >= 0, got {num_examples.tolist()}")
     if not temperature > 0:
         raise ValueError(f"aggregation_weights: temperature must be > 0, got {temperature}")
-    lo, hi = min(w_min, 1.0 / k), max(w_max, 1.0 / k)
+    lo, hi = min(w_min, 1.0 / k), max(weight_cap(w_max, k), 1.0 / k)
 
     prior = _prior(num_examples, size_prior)  # (K,)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):

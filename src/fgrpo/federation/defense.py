@@ -6,11 +6,12 @@ average. The defences here bound what a liar can do:
 
 - `screen_update`: an update with the wrong keys or shapes, or NaN/Inf, is
   excluded (a faulty client must not poison the round);
-- `norm_clip_factors`: an update whose norm is far above the round's median is
-  scaled down to `multiple × median` (or rejected);
+- `norm_clip_factors`: an update whose norm is far above the round's lower
+  median is scaled down to `multiple × lower median` (or rejected); on by
+  default (`federation.defense.norm_clip = 1.5`);
 - `weighted_median` / `weighted_trimmed_mean`: coordinate-wise robust
-  aggregation that still honours the strategy's weights (FGRPO's cap w_max < ½
-  then keeps any single client from setting the median).
+  aggregation that still honours the strategy's weights (FGRPO's default cap,
+  at most ½, keeps any single client from holding a majority).
 
 All functions are pure and work on {name: array} dicts of one adapter.
 """
@@ -53,16 +54,29 @@ def update_norm(current: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -
     return float(np.sqrt(total))
 
 
-def norm_clip_factors(norms: Sequence[float] | np.ndarray, multiple: float) -> np.ndarray:
-    """Scale factor per update so that none exceeds `multiple` × the median norm.
+def reference_norm(norms: Sequence[float] | np.ndarray) -> float:
+    """The round's reference norm: the lower median, sorted(norms)[(K − 1) // 2].
 
-    norms: (K,) → factors (K,) in (0, 1]. With K ≤ 2 the median is pulled by the
-    outlier itself, so the bound is only as good as the honest majority.
+    Why the lower one: with K clients a single outlier is never the reference
+    (for K = 2 it is the smaller norm, so a liar in a round with one honest
+    client, e.g. under partial participation, is measured against the honest
+    one; np.median would average them and let the liar pull the bound up).
+    """
+    ordered = np.sort(np.asarray(norms, dtype=np.float64))
+    return float(ordered[(len(ordered) - 1) // 2])
+
+
+def norm_clip_factors(norms: Sequence[float] | np.ndarray, multiple: float) -> np.ndarray:
+    """Scale factor per update so that none exceeds `multiple` × the round's lower-median norm.
+
+    norms: (K,) → factors (K,) in (0, 1]. With K = 1 nothing is clipped (the
+    reference is the update itself); with K = 2 the larger update is bounded
+    by `multiple` × the smaller one.
     """
     norms = np.asarray(norms, dtype=np.float64)
     if norms.size == 0:
         return norms
-    bound = multiple * float(np.median(norms))
+    bound = multiple * reference_norm(norms)
     with np.errstate(divide="ignore", invalid="ignore"):
         factors = np.where(norms > bound, bound / norms, 1.0)
     return np.nan_to_num(factors, nan=1.0, posinf=1.0, neginf=1.0)

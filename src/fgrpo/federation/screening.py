@@ -3,7 +3,7 @@
 A reply is left out, with its reason, when it is missing, an error, breaks the
 reply rules of `reply_checks` (records, metrics, ids bound to their nodes), carries
 broken arrays, or (with norm clipping in "reject" mode) an update far larger
-than the round's median. Everything here works on records and numpy arrays
+than the round's lower median. Everything here works on records and numpy arrays
 only (no model).
 """
 
@@ -101,7 +101,7 @@ def screen_replies(
 def clip_replies(
     ok: list[Message], current: dict[str, np.ndarray], multiple: float | None, mode: str
 ) -> tuple[list[Message], dict[int, tuple[float, float]], list[Failure]]:
-    """Bound every update's norm by `multiple` × the round's median (scale it, or reject it).
+    """Bound every update's norm by `multiple` × the round's lower median (scale it, or reject it; None: no bound).
 
     Returns (kept replies, client-id -> (norm, factor), rejections). Scaled
     replies are rewritten in place, so every strategy aggregates the bounded update.
@@ -112,7 +112,7 @@ def clip_replies(
     kept, rejected = [], []
     for reply, norm, factor, cid in zip(ok, norms, factors, ids):
         if factor < 1.0 and mode == "reject":
-            rejected.append(Failure(reply.metadata.src_node_id, cid, f"update norm {norm:.3g} > {multiple}× the round's median"))
+            rejected.append(Failure(reply.metadata.src_node_id, cid, f"update norm {norm:.3g} > {multiple}× the round's lower-median norm"))
             continue
         if factor < 1.0:
             key = next(iter(reply.content.array_records))

@@ -237,7 +237,9 @@ class RoundLoop:
             ranks=self.ranks,
             mixed_ranks=fed.method in MIXED_RANK_METHODS and not fed.dp.enabled,
         )
-        ok, self.norms, rejected = clip_replies(ok, current, fed.defense.norm_clip, fed.defense.norm_clip_mode)
+        # Local-only owners share nothing, so there is no average to protect: their updates are not clipped.
+        multiple = None if fed.method == "local" else fed.defense.clip_multiple
+        ok, self.norms, rejected = clip_replies(ok, current, multiple, fed.defense.norm_clip_mode)
         return ok, failures + rejected
 
     def aggregate(self, server_round: int, ok: list[Message]) -> bool:

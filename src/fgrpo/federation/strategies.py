@@ -43,6 +43,7 @@ from fgrpo.federation.aggregation import (  # noqa: F401  (the math is re-export
     MAX_GAIN,
     RunningStats,
     aggregation_weights,
+    auto_weight_cap,
     relative_gain,
     reward_weighted_weights,
     update_baseline,
@@ -223,7 +224,12 @@ class FGRPO(WeightedAverage):
     temperature : τ > 0; inf recovers FedAvg.
     baseline_decay : β in [0, 1) of B ← βB + (1 − β)R.
     delta : δ > 0, floor of the gain's denominator.
-    w_min, w_max : bounds on every client's weight.
+    w_min, w_max : bounds on every client's weight. w_max = "auto" (the default)
+        is max(1/K, min(½, 1.5/K)) for the K clients of each round
+        (`aggregation.auto_weight_cap`): a client reporting a huge fake gain
+        gets at most half the round, and at most 1.5× an equal share. With
+        K = 2 both weights are ½: FGRPO reduces to equal weights (not n_k-sized
+        ones), the price of a cap below a majority. A number overrides it.
     size_prior : p_k = n_k/Σn (True) or uniform (False).
     server_lr : η of θ ← θ + η Σ w_k Δ_k.
 
@@ -240,7 +246,7 @@ class FGRPO(WeightedAverage):
         baseline_decay: float = 0.5,
         delta: float = 1e-3,
         w_min: float = 0.0,
-        w_max: float = 1.0,
+        w_max: float | str = "auto",
         size_prior: bool = True,
         server_lr: float = 1.0,
         shrink: bool = False,
@@ -256,14 +262,19 @@ class FGRPO(WeightedAverage):
             raise ConfigError(f"FGRPO: baseline_decay must be in [0, 1), got {baseline_decay}")
         if not (math.isfinite(delta) and delta > 0):
             raise ConfigError(f"FGRPO: delta must be finite and > 0, got {delta}")
-        if not (0 <= w_min <= w_max and 0 < w_max <= 1):
-            raise ConfigError(f"FGRPO: need 0 <= w_min <= w_max <= 1 and w_max > 0, got w_min={w_min}, w_max={w_max}")
+        if w_max == "auto":
+            if not 0 <= w_min <= 1:
+                raise ConfigError(f"FGRPO: need 0 <= w_min <= 1, got w_min={w_min}")
+        elif isinstance(w_max, str) or not (0 <= w_min <= w_max and 0 < w_max <= 1):
+            raise ConfigError(
+                f"FGRPO: need 0 <= w_min <= w_max <= 1 and w_max > 0 (or w_max = 'auto'), got w_min={w_min}, w_max={w_max!r}"
+            )
         self.gain = gain
         self.temperature = float(temperature)
         self.baseline_decay = float(baseline_decay)
         self.delta = float(delta)
         self.w_min = float(w_min)
-        self.w_max = float(w_max)
+        self.w_max: float | str = w_max if w_max == "auto" else float(w_max)
         self.size_prior = bool(size_prior)
         self.clients: dict[int, ClientState] = {}
 
