@@ -20,7 +20,7 @@ import statistics
 from importlib import resources
 from pathlib import Path
 
-from fgrpo.config import load_config
+from fgrpo.config import deep_merge, load_config, parse_override
 from fgrpo.deploy.runtime import quiet_flower_logs, run_comparison
 from fgrpo.reporting.stats import paired_comparison
 
@@ -39,6 +39,21 @@ def finals(summaries: list[dict]) -> dict[int, float]:
     return {s["seed"]: s["final/acc_heldout"] for s in summaries}
 
 
+def arm(config, method: str, seeds: list[int], out: Path) -> dict[int, float]:
+    """Final accuracy per seed of one arm; an arm whose every seed finished before (same config) is read, not re-run."""
+    import json
+
+    from fgrpo.config import dump_config
+    from fgrpo.deploy.runtime import with_method
+
+    cells = [out / method / f"seed{seed}" for seed in seeds]
+    expected = [dump_config(with_method(config, method, seed, cell)) for seed, cell in zip(seeds, cells)]
+    done = all((c / "summary.json").is_file() and (c / "config.toml").is_file() for c in cells)
+    if done and all((c / "config.toml").read_text() == text for c, text in zip(cells, expected)):
+        return finals([json.loads((c / "summary.json").read_text()) for c in cells])
+    return finals(run_comparison(config, [method], seeds, out, overwrite=True, progress=False))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -46,6 +61,10 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value in every scenario and arm (e.g. a shorter budget: federation.rounds=4)",
+    )
     args = parser.parse_args()
     quiet_flower_logs()
     seeds = list(range(args.seeds))
@@ -55,13 +74,15 @@ def main() -> None:
     for name in args.scenarios.split(","):
         path = resources.files("fgrpo") / "scenarios" / f"{name}.toml"
         evaluation = {"evaluation": {"split": args.split}}
+        for text in args.set:
+            evaluation = deep_merge(evaluation, parse_override(text))
         base = load_config(str(path), evaluation)
         out = args.out / args.split / name
-        reference = finals(run_comparison(base, ["fedavg"], seeds, out / "fedavg", overwrite=True, progress=False))
+        reference = arm(base, "fedavg", seeds, out / "fedavg")
         rows = [("FedAvg", reference, None)]
         for variant in variants:
-            config = load_config(str(path), {**evaluation, "federation": {"fgrpo": VARIANTS[variant]}})
-            values = finals(run_comparison(config, ["fgrpo"], seeds, out / variant.replace(" ", ""), overwrite=True, progress=False))
+            config = load_config(str(path), deep_merge(evaluation, {"federation": {"fgrpo": VARIANTS[variant]}}))
+            values = arm(config, "fgrpo", seeds, out / variant.replace(" ", ""))
             rows.append((f"FGRPO {variant}", values, paired_comparison(values, reference)))
         for label, values, comparison in rows:
             accs = list(values.values())
