@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fgrpo.errors import ConfigError
-from fgrpo.registry import METHODS, MIXED_RANK_METHODS
+from fgrpo.registry import METHODS, MIXED_RANK_METHODS, PERSONAL_METHODS
 
 # The one tomllib shim of the package (tomli on Python 3.10): import it from here.
 if sys.version_info >= (3, 11):
@@ -461,6 +461,15 @@ class FederationConfig(Section):
             raise ValueError(
                 f"min_train_clients ({self.min_train_clients}) must be <= num_clients ({self.num_clients}): "
                 "a round could never gather that many clients"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fedsa_uploads_plain_a(self) -> "FederationConfig":
+        if self.method in PERSONAL_METHODS and self.compression.codec != "none":
+            raise ValueError(
+                f"method = '{self.method}' with compression.codec = '{self.compression.codec}' is not supported: "
+                "the codecs encode the whole adapter's update, and a fedsa client uploads its LoRA A matrices only"
             )
         return self
 
