@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fgrpo.errors import ConfigError
-from fgrpo.registry import METHODS, MIXED_RANK_METHODS
+from fgrpo.registry import METHODS, MIXED_RANK_METHODS, PERSONAL_METHODS
 
 # The one tomllib shim of the package (tomli on Python 3.10): import it from here.
 if sys.version_info >= (3, 11):
@@ -253,6 +253,12 @@ class GRPOConfig(Section):
     epsilon_high: float | None = Field(None, gt=0, description="Upper clip ε_high (DAPO's clip-higher); default = epsilon.")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Loss aggregation, as in TRL.")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Advantage std scaling, as in TRL.")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        "sum_then_normalize", description="How several reward functions make one advantage, as TRL's option: "
+        "'sum_then_normalize' sums the weighted rewards, then scales as scale_rewards says; 'normalize_then_sum' (GDPO) "
+        "normalises each function within its group, sums them with their weights, then normalises over the batch "
+        "(scale_rewards does not apply).",
+    )
     num_iterations: int = Field(1, ge=1, le=16, description="Optimisation passes over each rollout batch (μ).")
     learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate of the policy.")
     weight_decay: float = Field(0.0, ge=0)
@@ -486,6 +492,15 @@ class FederationConfig(Section):
             raise ValueError(
                 f"min_train_clients ({self.min_train_clients}) must be <= num_clients ({self.num_clients}): "
                 "a round could never gather that many clients"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fedsa_uploads_plain_a(self) -> "FederationConfig":
+        if self.method in PERSONAL_METHODS and self.compression.codec != "none":
+            raise ValueError(
+                f"method = '{self.method}' with compression.codec = '{self.compression.codec}' is not supported: "
+                "the codecs encode the whole adapter's update, and a fedsa client uploads its LoRA A matrices only"
             )
         return self
 

@@ -49,6 +49,7 @@ SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
     "fedavg": (CLIENT_LR, SERVER_LR),
     "fedprox": (CLIENT_LR, SERVER_LR, Param("federation.proximal_mu", 1e-3, 1.0)),
     "reward_weighted": (CLIENT_LR, SERVER_LR),
+    "fedsa": (CLIENT_LR, SERVER_LR),
     "fedavgm": (CLIENT_LR, SERVER_LR),
     "fedadam": (CLIENT_LR, Param("federation.server_opt.eta", 1e-3, 0.3)),
     "fedyogi": (CLIENT_LR, Param("federation.server_opt.eta", 1e-3, 0.3)),

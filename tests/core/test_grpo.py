@@ -14,6 +14,7 @@ from fgrpo.core.grpo import (
     aggregate_token_loss,
     completion_mask_after_eos,
     group_advantages,
+    normalize_then_sum_advantages,
     grpo_loss,
     high_entropy_mask,
     kl_k3,
@@ -327,3 +328,72 @@ def test_token_log_probs_in_chunks_equal_log_softmax_with_gradients(monkeypatch)
     (grad,) = torch.autograd.grad(ours.sum(), logits)
     torch.testing.assert_close(ours, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def trl_multi_objective_advantages(rewards_per_func, weights, num_generations, aggregation, scale_rewards="group"):
+    """Run TRL 1.16's own aggregation block (`GRPOTrainer._generate_and_score_completions`, from
+    `if self.multi_objective_aggregation == ...` to its ValueError) on the given tensors: TRL has no function for it."""
+    import inspect
+    import textwrap
+
+    from trl.trainer.utils import nanstd as trl_nanstd
+
+    lines = inspect.getsource(trl_grpo.GRPOTrainer._generate_and_score_completions).splitlines()
+    start = next(i for i, line in enumerate(lines) if 'if self.multi_objective_aggregation == "sum_then_normalize"' in line)
+    end = next(i for i in range(start, len(lines)) if "Invalid multi_objective_aggregation" in lines[i])
+    end = next(i for i in range(end, len(lines)) if lines[i].strip() == ")")
+    scope = {
+        "self": SimpleNamespace(
+            multi_objective_aggregation=aggregation, scale_rewards=scale_rewards, reward_weights=weights,
+            reward_funcs=[None] * len(weights),
+        ),
+        "rewards_per_func": rewards_per_func,
+        "num_generations": num_generations,
+        "device": "cpu",
+        "unscorable_mask": torch.isnan(rewards_per_func).all(dim=1),
+        "torch": torch,
+        "nanstd": trl_nanstd,
+    }
+    exec(textwrap.dedent("\n".join(lines[start : end + 1])), scope)  # noqa: S102 - TRL's installed source, pinned
+    return scope["advantages"]
+
+
+def multi_reward_case(seed: int, groups: int = 3, g: int = 4):
+    """Three reward functions on different scales, one of them not applicable (NaN) to the second prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    per_func = torch.stack(
+        [torch.randint(0, 2, (groups * g,), generator=gen).float(), 10 * torch.rand(groups * g, generator=gen),
+         torch.randn(groups * g, generator=gen)], dim=1,
+    )  # (N, 3)
+    per_func[g : 2 * g, 2] = float("nan")
+    return per_func, torch.tensor([1.0, 0.5, -0.3])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_normalize_then_sum_matches_trl(seed):
+    per_func, weights = multi_reward_case(seed)
+    ours = normalize_then_sum_advantages(per_func, weights, 4)
+    assert torch.allclose(ours, trl_multi_objective_advantages(per_func, weights, 4, "normalize_then_sum"), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_sum_then_normalize_is_the_weighted_sum_through_group_advantages_as_in_trl(scale_rewards):
+    per_func, weights = multi_reward_case(0)
+    summed = (per_func * weights).nansum(dim=1)  # WeightedReward's score
+    ours = group_advantages(summed, 4, scale_rewards)
+    theirs = trl_multi_objective_advantages(per_func, weights, 4, "sum_then_normalize", scale_rewards)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_normalize_then_sum_hand_values_and_scale_invariance():
+    # one group of 4, two functions: a {0,1} one and a [0, 100] one; equal weights
+    per_func = torch.tensor([[1.0, 0.0], [0.0, 100.0], [1.0, 100.0], [0.0, 0.0]])
+    adv = normalize_then_sum_advantages(per_func, torch.tensor([1.0, 1.0]), 4)
+    z = (torch.tensor([1.0, 0.0, 1.0, 0.0]) - 0.5) / (torch.tensor([1.0, 0, 1, 0]).std() + 1e-4)  # each column's z
+    summed = z + (torch.tensor([0.0, 100, 100, 0]) - 50) / (torch.tensor([0.0, 100, 100, 0]).std() + 1e-4)
+    expected = (summed - summed.mean()) / (summed.std() + 1e-4)
+    assert torch.allclose(adv, expected, atol=1e-5)
+    # a function's scale no longer decides its share (sum_then_normalize: the [0, 100] one would drown the other)
+    rescaled = per_func * torch.tensor([1.0, 0.01])
+    assert torch.allclose(adv, normalize_then_sum_advantages(rescaled, torch.tensor([1.0, 1.0]), 4), atol=1e-3)
+    assert not torch.allclose(group_advantages((per_func).sum(1), 4), group_advantages(rescaled.sum(1), 4), atol=1e-1)

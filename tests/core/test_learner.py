@@ -28,19 +28,19 @@ def test_step_passes_gspo_and_delta_to_the_loss(tmp_path, monkeypatch):
     assert seen["importance_sampling_level"] == "sequence" and seen["delta"] == 1.5
 
 
-def spied_step(tmp_path, monkeypatch, **grpo):
+def spied_step(tmp_path, monkeypatch, tasks: dict | None = None, **grpo):
     """One step on the tiny model; what grpo_loss received, the rollouts it was built from, the metrics."""
     from conftest import small_config_dict
 
     from fgrpo.core import learner as learner_module
     from fgrpo.core.pipeline import build_learner, build_task_pool
 
-    config = config_from_dict(small_config_dict(tmp_path, grpo=grpo))
+    config = config_from_dict(small_config_dict(tmp_path, grpo=grpo, tasks=tasks or {}))
     seen = {}
     real = learner_module.grpo_loss
 
     def spy(*args, **kwargs):
-        seen["mask"] = args[3]
+        seen["mask"], seen["advantages"] = args[3], args[2]
         seen.update(kwargs)
         return real(*args, **kwargs)
 
@@ -54,6 +54,7 @@ def spied_step(tmp_path, monkeypatch, **grpo):
 
     learner.generate_fn = keep
     train, _ = build_task_pool(config.tasks)
+    seen["examples"] = train[:4]
     metrics = learner.step(train[:4])
     return seen, metrics, learner
 
@@ -78,3 +79,17 @@ def test_top_entropy_quantile_hands_the_loss_a_mask_of_the_high_entropy_tokens(t
     assert 0 < chosen.sum() < mask.sum()  # a strict subset: about a fifth of the completion tokens
     seen_all, _, _ = spied_step(tmp_path / "all", monkeypatch)
     assert seen_all["entropy_mask"] is None  # ρ = 1: every token, no mask built
+
+
+def test_normalize_then_sum_gives_each_reward_function_its_own_group_normalisation(tmp_path, monkeypatch):
+    from fgrpo.core.grpo import group_advantages, normalize_then_sum_advantages
+
+    rewards = {"rewards": [{"name": "exact_match", "weight": 1.0}, {"name": "partial_credit", "weight": 0.5}]}
+    seen, _, learner = spied_step(tmp_path, monkeypatch, tasks=rewards, multi_objective_aggregation="normalize_then_sum")
+    _, scored = learner._score(seen["examples"], seen["rollouts"])  # the same completions, scored again
+    assert scored.term_rewards.shape == (16, 2) and scored.term_weights.tolist() == [1.0, 0.5]
+    per_func = torch.as_tensor(scored.term_rewards, dtype=torch.float32)
+    expected = normalize_then_sum_advantages(per_func, torch.as_tensor(scored.term_weights), 4)
+    assert torch.allclose(seen["advantages"], expected)
+    summed = group_advantages(torch.as_tensor(scored.rewards, dtype=torch.float32), 4)
+    assert not torch.allclose(seen["advantages"], summed, atol=1e-3)  # not the default's advantages

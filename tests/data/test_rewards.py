@@ -282,3 +282,27 @@ def test_owner_rewards_score_each_example_with_its_owners_functions():
         reward.score(["p"], ["1"], {"answer": ["1"], "owner": ["c"]})
     with pytest.raises(RewardError, match="carry no 'owner' column"):
         reward.score(["p"], ["1"], {"answer": ["1"]})
+
+
+def test_term_values_and_weights_rebuild_the_reward_on_each_examples_scale():
+    """compute_rewards keeps TRL's rewards_per_func apart (for normalize_then_sum): low + Σ w_k term_k = reward."""
+    from fgrpo.data.rewards import compute_rewards
+
+    reward = WeightedReward([("exact_match", 1.0), ("format", 0.25), (partial_credit_reward, -0.5)])
+    scaled = Example("12+34=", "46", "add", reward_scale=(-1.0, 9.0))
+    result = compute_rewards([ADD, scaled, ADD], ["46", "45", "no"], reward)
+    assert result.term_rewards.shape == (3, 3) and result.term_weights.tolist() == [1.0, 0.25, -0.5]
+    low = np.array([0.0, -1.0, 0.0])
+    np.testing.assert_allclose(low + np.nansum(result.term_rewards * result.term_weights, axis=1), result.rewards)
+    np.testing.assert_allclose(result.term_rewards[1], 10 * np.array([0.0, 1.0, 0.5]))  # (high − low) · r_k
+
+
+def test_owner_rewards_keep_one_term_per_owner_and_function():
+    from fgrpo.data.rewards import OwnerRewards
+
+    reward = OwnerRewards({"a": WeightedReward([("exact_match", 1.0)]), "b": WeightedReward([("exact_match", 3.0)])})
+    columns = {"answer": ["12", "12", "12"], "family": ["add"] * 3, "owner": ["a", "b", "a"]}
+    terms = reward.score_terms(["p"] * 3, ["13", "12", "12"], columns)
+    assert terms.weights.tolist() == [1.0, 3.0]  # the same function, each owner's weight
+    np.testing.assert_array_equal(terms.values, [[0.0, np.nan], [np.nan, 1.0], [1.0, np.nan]])
+    np.testing.assert_array_equal(terms.scores, [0.0, 3.0, 1.0])

@@ -326,3 +326,35 @@ def test_insecure_commands_off_loopback_warn_loudly_on_stderr(tmp_path, host, wa
     assert result.exit_code == 0, result.output
     assert ("WITHOUT TLS" in result.stderr) == warned
     assert "WITHOUT TLS" not in result.stdout  # the commands themselves stay copy-pasteable
+
+
+@pytest.mark.slow
+@pytest.mark.flower
+def test_three_owners_with_their_own_reward_functions_on_the_flower_loopback(tmp_path):
+    """Issue 15: 3 owners, each its own data, reward function and reward scale, 1 round of 1 step via `flwr run`:
+    each client's rewards lie on its own owner's scale and equal the in-process run's (same seed, same functions)."""
+    from fgrpo.deploy.runtime import node_configs, run_simulation
+
+    owners = [
+        {"name": "adder", "families": [{"name": "add", "difficulty": 1}], "rewards": [{"name": "exact_match"}],
+         "reward_scale": [0.0, 1.0]},
+        {"name": "sorter", "families": [{"name": "sort", "difficulty": 2}], "rewards": [{"name": "partial_credit"}],
+         "reward_scale": [-20.0, -10.0]},
+        {"name": "formatter", "families": [{"name": "add", "difficulty": 2}], "rewards": [{"name": "format"}],
+         "reward_scale": [10.0, 20.0]},
+    ]
+    config = flower_config(tmp_path, clients=owners, num_clients=3, min_train_clients=3, rounds=1, local_steps=1)
+    sim_dir, flower_dir = tmp_path / "sim", tmp_path / "flower-run"
+    run_simulation(config.model_copy(update={"output": config.output.model_copy(update={"dir": str(sim_dir)})}), progress=False)
+    with deploy.LocalFederation(node_configs(config), tmp_path / "flower") as federation:
+        federation.run(config, flower_dir, timeout_s=600)
+
+    def rewards(run_dir):
+        return {r["client"]: r["client/reward_mean"] for r in records(run_dir) if r["kind"] == "client" and "client/reward_mean" in r}
+
+    flower, sim = rewards(flower_dir), rewards(sim_dir)
+    assert set(flower) == {0, 1, 2}
+    for client, (low, high) in enumerate(owner["reward_scale"] for owner in owners):
+        assert low <= flower[client] <= high, (client, flower[client])
+        assert flower[client] == pytest.approx(sim[client], abs=1e-6)
+    assert not [r for r in records(flower_dir) if r["kind"] == "failure"]

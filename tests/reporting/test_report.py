@@ -326,3 +326,36 @@ def test_bad_summary_json_raises(compare_dir):
     summary.write_text("{not json")
     with pytest.raises(DataError, match=r"summary\.json:1"):
         load_runs(compare_dir)
+
+
+def test_per_owner_table_shows_global_personalized_and_local_only_models(tmp_path):
+    """Each owner's last client/acc_heldout per method, mean ± std over seeds; only when two kinds of model ran."""
+    from fgrpo.reporting.report import write_report
+    from fgrpo.reporting.runs import final_client_accuracy
+
+    own = {"fedavg": (0.40, 0.20), "fedsa": (0.60, 0.50), "local": (0.70, 0.30)}  # client 0, client 1 at seed 0
+    root = tmp_path / "cmp"
+    for method, (acc0, acc1) in own.items():
+        for seed in (0, 1):
+            records = [{"kind": "round", "method": method, "seed": seed, "round": 0, "global/acc_heldout": 0.1}]
+            for t in (1, 2):  # round 1's value is not the final one
+                for client, acc in ((0, acc0), (1, acc1)):
+                    value = acc + 0.1 * seed if t == 2 else 0.0
+                    records.append({"kind": "client", "method": method, "seed": seed, "round": t, "client": client,
+                                    "client/reward_mean": 0.5, "client/acc_heldout": value})
+                records.append({"kind": "round", "method": method, "seed": seed, "round": t, "global/acc_heldout": 0.3})
+            _write_jsonl(root / method / f"seed{seed}" / "metrics.jsonl", records)
+    (root / "compare.json").write_text(json.dumps({"methods": list(own), "seeds": [0, 1], "scenario": "owners"}))
+    finals = final_client_accuracy([r for r in load_runs(root) if r.method == "fedsa"])
+    assert finals[0][0] == pytest.approx(0.65) and finals[1][0] == pytest.approx(0.55)  # mean of seeds 0 and 1
+    assert finals[0][1] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+    text = write_report(root).read_text()
+    assert "Per owner: global, personalized and local-only models" in text
+    assert "| Owner | fedavg (global) | fedsa (personalized) | local (local-only) |" in text
+    assert "| client 0 | 45.0% ± 7.1 pp | 65.0% ± 7.1 pp | 75.0% ± 7.1 pp |" in text
+
+
+def test_no_per_owner_table_when_every_method_shares_one_global_model(compare_dir):
+    from fgrpo.reporting.report import write_report
+
+    assert "Per owner" not in write_report(compare_dir).read_text()

@@ -18,6 +18,7 @@ import torch
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 ScaleRewards = Literal["group", "batch", "none"]
+MultiObjectiveAggregation = Literal["sum_then_normalize", "normalize_then_sum"]
 
 # TRL adds this to the std before dividing, so a group with identical rewards
 # gets advantage 0 rather than 0/0.
@@ -55,6 +56,43 @@ def group_advantages(
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', not {scale_rewards!r}")
     return advantages
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Bessel-corrected std ignoring NaNs; NaN where fewer than two values count (TRL's `trl.trainer.utils.nanstd`)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = torch.sum(~torch.isnan(x), dim=dim, keepdim=True)
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(variance, float("nan")))
+    std = torch.sqrt(variance * correction)
+    if keepdim:
+        return std
+    return std.squeeze(dim) if dim is not None else std.squeeze()
+
+
+def normalize_then_sum_advantages(
+    rewards_per_func: torch.Tensor,  # (B*G, K) each reward function's reward, NaN where it does not apply
+    weights: torch.Tensor,  # (K,)
+    num_generations: int,
+) -> torch.Tensor:  # (B*G,)
+    """Advantages of TRL's `multi_objective_aggregation = "normalize_then_sum"` (GDPO, arXiv 2601.05242).
+
+    Each reward function is normalised within each group first, r̂_k = (r_k − mean_g r_k) / (std_g r_k + 1e-4),
+    so a function with a wide range cannot drown one with a narrow range; then Σ_k w_k r̂_k (NaN terms skipped) is
+    normalised over the whole batch. `scale_rewards` does not apply, as in TRL. Re-derived from TRL 1.16's
+    `GRPOTrainer._generate_and_score_completions`, which has no separate function for it; the tests run that
+    block of TRL's source on the same tensors.
+    """
+    num_rows, num_funcs = rewards_per_func.shape
+    if num_rows % num_generations:
+        raise ValueError(f"{num_rows} rewards do not split into groups of {num_generations}")
+    grouped = rewards_per_func.view(-1, num_generations, num_funcs)  # (B, G, K)
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)  # (B, 1, K)
+    std_k = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean_k)
+    normalized = ((grouped - mean_k) / (std_k + STD_EPS)).view(-1, num_funcs)  # (B*G, K)
+    rewards = (normalized * weights.to(normalized).unsqueeze(0)).nansum(dim=1)  # (B*G,)
+    std = nanstd(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    return (rewards - torch.nanmean(rewards)) / (std + STD_EPS)
 
 
 # Elements of float32 logits converted at a time in `token_log_probs` (64 MB).

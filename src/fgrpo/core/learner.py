@@ -21,6 +21,7 @@ from fgrpo.core.chat import RAW, PromptFormat
 from fgrpo.config import GRPOConfig
 from fgrpo.core.grpo import (
     group_advantages,
+    normalize_then_sum_advantages,
     grpo_loss,
     high_entropy_mask,
     token_entropies,
@@ -187,7 +188,11 @@ class GRPOLearner:
         grouped_examples, scored = self._score(examples, rollouts)
         rewards = torch.as_tensor(scored.rewards, dtype=torch.float32, device=rollouts.completion_ids.device)
         # 3. group-relative advantages
-        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # (N,)
+        if cfg.multi_objective_aggregation == "normalize_then_sum":  # each reward function normalised in its group
+            per_func = torch.as_tensor(scored.term_rewards, dtype=torch.float32, device=rewards.device)  # (N, K)
+            advantages = normalize_then_sum_advantages(per_func, torch.as_tensor(scored.term_weights), cfg.num_generations)
+        else:
+            advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # (N,)
         # 4. log-probs that stay fixed over the batch's iterations
         old_log_probs = None
         if cfg.num_iterations > 1:

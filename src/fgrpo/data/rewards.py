@@ -187,6 +187,16 @@ def _term_name(fn_or_name, fn: RewardFunction) -> str:
     return registered[0] if registered else getattr(fn, "__name__", None) or function_name(fn)
 
 
+@dataclass
+class TermScores:
+    """Rewards of a batch term by term: scores = Σ_k weights[k]·values[:, k] over the non-NaN values."""
+
+    scores: np.ndarray  # (N,)
+    per_function: dict[str, np.ndarray]  # name -> (N,) raw values (NaN = not applicable)
+    values: np.ndarray  # (N, K)
+    weights: np.ndarray  # (K,)
+
+
 class WeightedReward:
     """Weighted sum of reward functions, NaN ("not applicable") entries ignored, as TRL sums them.
 
@@ -215,12 +225,17 @@ class WeightedReward:
 
     def score(self, prompts: list, completions: list, columns: dict[str, list]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(scores (N,), {name: raw values (N,)}); scores = Σ_k w_k r_k over the non-NaN r_k."""
+        scored = self.score_terms(prompts, completions, columns)
+        return scored.scores, scored.per_function
+
+    def score_terms(self, prompts: list, completions: list, columns: dict[str, list]) -> TermScores:
+        """`score`'s result with each term's values (N, K) and weights (K,) kept apart, as TRL's rewards_per_func."""
         per_function = {
             term.name: call_reward_function(term.fn, prompts, completions, columns) for term in self.terms
         }
-        weighted = np.stack(
-            [term.weight * per_function[term.name] for term in self.terms]
-        ).reshape(len(self.terms), len(completions))  # (K, N)
+        values = np.stack([per_function[term.name] for term in self.terms]).reshape(len(self.terms), len(completions))
+        weights = np.array([term.weight for term in self.terms], dtype=np.float64)  # (K,)
+        weighted = weights[:, None] * values  # (K, N)
         unscored = np.isnan(weighted).all(axis=0)  # (N,)
         if unscored.any():
             where = np.flatnonzero(unscored)
@@ -228,7 +243,7 @@ class WeightedReward:
                 f"every reward function ({', '.join(per_function)}) returned None for completion(s) "
                 f"{where[:10].tolist()}{' ...' if where.size > 10 else ''}: at least one must score each completion"
             )
-        return np.nansum(weighted, axis=0), per_function
+        return TermScores(np.nansum(weighted, axis=0), per_function, values.T, weights)
 
 
 OWNER_COLUMN = "owner"  # the column naming each example's data owner (`federation.clients`)
@@ -248,24 +263,33 @@ class OwnerRewards:
         self.by_owner = dict(by_owner)
 
     def score(self, prompts: list, completions: list, columns: dict[str, list]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        scored = self.score_terms(prompts, completions, columns)
+        return scored.scores, scored.per_function
+
+    def score_terms(self, prompts: list, completions: list, columns: dict[str, list]) -> TermScores:
+        """One term per (owner, function), NaN on the other owners' rows: each owner's weights stay its own."""
         owners = columns.get(OWNER_COLUMN)
         if owners is None:
             raise RewardError(f"examples carry no '{OWNER_COLUMN}' column: cannot tell whose reward functions apply")
         n = len(completions)
         scores = np.full(n, np.nan)  # (N,)
         per_function: dict[str, np.ndarray] = {}
+        term_values: list[np.ndarray] = []
+        term_weights: list[np.ndarray] = []
         for owner in dict.fromkeys(owners):
             if owner not in self.by_owner:
                 raise RewardError(f"no reward functions for owner '{owner}' (known: {', '.join(self.by_owner)})")
             rows = [i for i, name in enumerate(owners) if name == owner]
             subset = {key: [values[i] for i in rows] for key, values in columns.items()}
-            owner_scores, owner_values = self.by_owner[owner].score(
-                [prompts[i] for i in rows], [completions[i] for i in rows], subset
-            )
-            scores[rows] = owner_scores
-            for name, values in owner_values.items():
+            part = self.by_owner[owner].score_terms([prompts[i] for i in rows], [completions[i] for i in rows], subset)
+            scores[rows] = part.scores
+            for name, values in part.per_function.items():
                 per_function.setdefault(name, np.full(n, np.nan))[rows] = values
-        return scores, per_function
+            block = np.full((n, part.values.shape[1]), np.nan)  # (N, K_owner)
+            block[rows] = part.values
+            term_values.append(block)
+            term_weights.append(part.weights)
+        return TermScores(scores, per_function, np.concatenate(term_values, axis=1), np.concatenate(term_weights))
 
 
 def apply_reward_scale(scores: np.ndarray, scales: Sequence[tuple[float, float]]) -> np.ndarray:
@@ -283,6 +307,10 @@ class RewardResult:
     scores: np.ndarray  # (N,) combined score before scaling
     per_function: dict[str, np.ndarray]  # name -> (N,) raw values (NaN = not applicable)
     correct: np.ndarray  # (N,) bool, exact match
+    # (N, K) each term's value times its example's (high − low) reward scale, NaN where it does not apply, and the
+    # terms' weights (K,): rewards = low + Σ_k w_k term_rewards[:, k]. TRL's rewards_per_func, for normalize_then_sum.
+    term_rewards: np.ndarray | None = None
+    term_weights: np.ndarray | None = None
 
 
 def compute_rewards(
@@ -307,7 +335,9 @@ def compute_rewards(
         columns[key] = [example.meta[key] for example in examples]
     if completion_ids is not None:
         columns["completion_ids"] = list(completion_ids)
-    scores, per_function = reward.score(prompts, list(completions), columns)
-    rewards = apply_reward_scale(scores, [example.reward_scale for example in examples])
+    scored = reward.score_terms(prompts, list(completions), columns)
+    scales = [example.reward_scale for example in examples]
+    rewards = apply_reward_scale(scored.scores, scales)
+    spans = np.asarray(scales, dtype=np.float64).reshape(-1, 2) @ np.array([-1.0, 1.0])  # (N,) high − low
     correct = np.array([is_correct(ex, completion) for ex, completion in zip(examples, completions)], dtype=bool)
-    return RewardResult(rewards, scores, per_function, correct)
+    return RewardResult(rewards, scored.scores, scored.per_function, correct, scored.values * spans[:, None], scored.weights)

@@ -34,8 +34,10 @@ from fgrpo.federation.client import (
     round_seed,
 )
 from fgrpo.federation.export import layout_to_text as export_layout_text
+from fgrpo.federation.fedsa import personal_part, personalize, shared_part
 from fgrpo.federation.hetlora import truncate, zero_beyond
 from fgrpo.federation.wire import arrays_to_record, config_from_context, config_from_text, record_to_arrays
+from fgrpo.registry import PERSONAL_METHODS
 
 def node_config_from_context(context: Context) -> Config:
     """The run config as this node uses it (its own data and reward code, `data.node_spec`)."""
@@ -328,6 +330,11 @@ def encode_upload(config: Config, start: dict[str, np.ndarray], trained: dict[st
     return encoded
 
 
+def personal_arrays(context: Context) -> dict[str, np.ndarray] | None:
+    """A fedsa node's own LoRA B matrices (None before its first round: the received, peft-zero B)."""
+    return record_to_arrays(context.state[wire.PERSONAL_KEY]) if wire.PERSONAL_KEY in context.state else None
+
+
 client_app = ClientApp(mods=[dp_clipping_mod])
 
 
@@ -343,6 +350,9 @@ def client_train(msg: Message, context: Context) -> Message:
     local_only = bool(round_config.get(wire.LOCAL_ONLY, False))
     if local_only and wire.LOCAL_ADAPTER_KEY in context.state:
         start = record_to_arrays(context.state[wire.LOCAL_ADAPTER_KEY])  # local-only ignores the global model
+    personal = config.federation.method in PERSONAL_METHODS
+    if personal:  # fedsa: the global A with this owner's own B
+        start = personalize(start, personal_arrays(context))
     server_round = int(round_config.get(wire.SERVER_ROUND, 0))
     keep_optimizer = config.federation.keep_optimizer_state
     arrays, metrics = local_round(
@@ -362,6 +372,9 @@ def client_train(msg: Message, context: Context) -> Message:
     if local_only:
         context.state[wire.LOCAL_ADAPTER_KEY] = arrays_to_record(arrays)
         record = arrays_to_record(truncate(arrays, rank))
+    elif personal:  # fedsa: B stays in the node's state, only A travels
+        context.state[wire.PERSONAL_KEY] = arrays_to_record(personal_part(arrays))
+        record = arrays_to_record(shared_part(arrays))
     elif config.federation.compression.codec != "none":  # full rank only (the config and the server refuse mixed)
         record = arrays_to_record(encode_upload(config, start, arrays, context))
     else:
@@ -383,6 +396,8 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     local_only = bool(msg.content[wire.CONFIG].get(wire.LOCAL_ONLY, False))
     if local_only and wire.LOCAL_ADAPTER_KEY in context.state:
         arrays = record_to_arrays(context.state[wire.LOCAL_ADAPTER_KEY])
+    if config.federation.method in PERSONAL_METHODS:  # fedsa: this owner's model, the global A with its own B
+        arrays = personalize(arrays, personal_arrays(context))
     heldout = data.heldout(config.evaluation.split)
     metrics: dict[str, float | int] = {wire.NUM_EXAMPLES: len(heldout), wire.CLIENT_ID: data.client_id}
     if heldout:

@@ -18,6 +18,7 @@ from fgrpo.config import CompressionConfig
 from fgrpo.federation import wire
 from fgrpo.federation.compression import CompressionError, apply_delta, decode_delta
 from fgrpo.federation.defense import norm_clip_factors, screen_update, update_norm
+from fgrpo.federation.fedsa import upload_problem, with_global_b
 from fgrpo.federation.hetlora import pad_to_full, rank_problem
 from fgrpo.federation.reply_checks import screen_round
 from fgrpo.federation.wire import arrays_to_record, record_to_arrays
@@ -46,6 +47,7 @@ def screen_replies(
     weight_key: str = wire.NUM_EXAMPLES,
     ranks: dict[int, int] | None = None,
     mixed_ranks: bool = False,
+    personal: bool = False,
 ) -> tuple[list[Message], list[Failure]]:
     """Split a round's replies into usable ones and failures (no reply, error, broken records, metrics, ids or arrays).
 
@@ -53,7 +55,8 @@ def screen_replies(
     node ↔ client-id bindings in `node_clients` grow on first sight). A reply
     that declares a LoRA rank (`lora-rank`) must hold exactly that rank's
     shapes and is padded back to θ_t's (`hetlora.pad_to_full`; lower ranks only
-    when `mixed_ranks`); `ranks` gets client-id -> rank. With a compression codec, each usable reply is then decoded in place to θ_t + Δ̂,
+    when `mixed_ranks`); `ranks` gets client-id -> rank. With `personal` (fedsa) a reply must hold exactly
+    θ_t's LoRA A matrices and is completed with θ_t's B (`fedsa.with_global_b`). With a compression codec, each usable reply is then decoded in place to θ_t + Δ̂,
     so what follows (clipping, every strategy) sees ordinary float32 weights.
     """
     ok: list[Message] = []
@@ -70,6 +73,13 @@ def screen_replies(
         content = reply.content
         client_id = int(content[wire.METRICS][wire.CLIENT_ID])
         arrays = _reply_arrays(reply)
+        if personal:
+            problem = upload_problem(arrays, current)
+            if problem is not None:
+                failures.append(Failure(node, client_id, problem))
+                continue
+            arrays = with_global_b(arrays, current)
+            reply.content[next(iter(content.array_records))] = arrays_to_record(arrays)
         declared = content[wire.METRICS].get(wire.LORA_RANK)
         compressed = compression is not None and compression.codec != "none"
         if declared is not None:

@@ -48,7 +48,7 @@ from fgrpo.federation.methods import build_strategy, local_steps_per_round, weig
 from fgrpo.federation.reply_checks import error_reason, screen_round
 from fgrpo.federation.screening import Failure, clip_replies, screen_replies
 from fgrpo.federation.strategies import WeightedAverage
-from fgrpo.registry import MIXED_RANK_METHODS, SERVER_LR_METHODS
+from fgrpo.registry import MIXED_RANK_METHODS, PERSONAL_METHODS, SERVER_LR_METHODS
 from fgrpo.federation.wire import ACC_HELDOUT, arrays_nbytes, arrays_to_record, record_to_arrays, scale_update
 from fgrpo.reporting.progress import progress_bar
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
@@ -236,6 +236,7 @@ class RoundLoop:
             weight_key=weight_key(self.config),
             ranks=self.ranks,
             mixed_ranks=fed.method in MIXED_RANK_METHODS and not fed.dp.enabled,
+            personal=fed.method in PERSONAL_METHODS,
         )
         # Local-only owners share nothing, so there is no average to protect: their updates are not clipped.
         multiple = None if fed.method == "local" else fed.defense.clip_multiple

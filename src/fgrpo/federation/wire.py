@@ -5,7 +5,8 @@ What travels (flwr 1.42 Message API):
 - server → client, train: RecordDict {"arrays": θ_t, "config": {"server-round",
   "local-steps", "local-only", and the strategy's own keys such as FedProx's
   "proximal-mu"}}; evaluate: the same with the θ to score.
-- client → server, train: {"arrays": θ_k (or its compressed delta),
+- client → server, train: {"arrays": θ_k (or its compressed delta; fedsa: its
+  LoRA A matrices only, `federation/fedsa.py`),
   "metrics": {"client-id", "num-examples", "reward-mean", "reward-std",
   "accuracy", "train-time", "unit-weight"}}; evaluate: {"metrics":
   {"client-id", "num-examples", "acc_heldout", "acc/<family>", "n/<family>"}}.
@@ -67,6 +68,7 @@ CHECKPOINT_LAYOUT = "checkpoint-layout"
 # A node's Context.state.
 LOCAL_ADAPTER_KEY = "local-adapter"  # local-only: the client's own adapter
 RESIDUAL_KEY = "compression-residual"  # error feedback of the compression codec
+PERSONAL_KEY = "personal-lora-b"  # fedsa: the client's own LoRA B matrices, never sent
 OPTIMIZER_KEY = "optimizer-state"  # federation.keep_optimizer_state: the client's AdamW moments, never sent
 
 

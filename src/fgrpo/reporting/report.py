@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from fgrpo.errors import DataError
+from fgrpo.registry import PERSONAL_METHODS
 from fgrpo.reporting.plots import *  # noqa: F401,F403  (re-exported)
 from fgrpo.reporting.plots import (
     plot_accuracy,
@@ -25,6 +26,7 @@ from fgrpo.reporting.runs import (
     DASH,
     RunMetrics,
     format_bytes,
+    final_client_accuracy,
     format_mean_std,
     format_percent,
     format_seconds,
@@ -141,6 +143,7 @@ def write_report(path: Path, target: float | None = None, out_dir: Path | None =
             ],
         )
         paired_section(doc, groups, [s.method for s in federated])
+        owner_section(doc, groups, [s.method for s in federated])
         doc.heading(3, "Tuning budget")
         doc.table(["Method", "How its hyperparameters were chosen"], [[s.method, s.tuning or DASH] for s in federated])
     if trained:
@@ -175,6 +178,37 @@ def write_report(path: Path, target: float | None = None, out_dir: Path | None =
     md_path.write_text("\n".join(doc.md))
     (out_dir / "report.html").write_text(doc.render_html(title))
     return md_path
+
+
+def model_kind(method: str) -> str | None:
+    """What an owner's accuracy in a `method` run measures: the shared model, its own personalized one, or its own
+    local-only one (None: centralized, whose one pooled client is no owner)."""
+    if method == "local":
+        return "local-only"
+    if method in PERSONAL_METHODS:
+        return "personalized"
+    return None if method == "centralized" else "global"
+
+
+def owner_section(doc, groups: dict, methods: list[str]) -> None:
+    """Per owner, its final accuracy on its own held-out split under each method: the global model, a personalized
+    model (fedsa: global A + its own B) and its local-only model, when the comparison has runs of two such kinds."""
+    kinds = {m: model_kind(m) for m in methods}
+    shown = [m for m in methods if kinds[m] is not None]
+    if len({kinds[m] for m in shown}) < 2:
+        return
+    finals = {m: final_client_accuracy(groups[m]) for m in shown}
+    owners = sorted({c for f in finals.values() for c in f})
+    doc.heading(3, "Per owner: global, personalized and local-only models")
+    doc.paragraph(
+        "Each owner's final accuracy on its own held-out split (mean ± std over seeds): the shared global model, "
+        "its personalized model and its local-only model."
+    )
+    seeds = {m: len({r.seed for r in groups[m]}) for m in shown}
+    doc.table(
+        ["Owner"] + [f"{m} ({kinds[m]})" for m in shown],
+        [[f"client {c}"] + [format_mean_std(finals[m].get(c), seeds[m]) for m in shown] for c in owners],
+    )
 
 
 def _fmt_x(x: int | None) -> str:

@@ -279,6 +279,20 @@ def client_curves(runs: list[RunMetrics], key: str) -> dict[int, Curve]:
     }
 
 
+def final_client_accuracy(runs: list[RunMetrics]) -> dict[int, tuple[float, float]]:
+    """Per client id, mean ± std over seeds of its last `client/acc_heldout` (its model on its own held-out split)."""
+    key = f"client/{ACC_HELDOUT}"
+    last: dict[int, list[float]] = {}
+    for run in runs:
+        by_client: dict[int, tuple[int, float]] = {}
+        for r in run.records.get("client", []):
+            if key in r and r["round"] >= by_client.get(r["client"], (-1, 0.0))[0]:
+                by_client[r["client"]] = (r["round"], float(r[key]))
+        for client, (_, acc) in by_client.items():
+            last.setdefault(client, []).append(acc)
+    return {c: stat for c, values in sorted(last.items()) if (stat := _mean_std(values)) is not None}
+
+
 def aggregation_weight_curves(runs: list[RunMetrics]) -> dict[int, Curve]:
     """Per client, `agg/weight` by round, mean over seeds; a client not sampled in a round counts as 0."""
     per_run = []
