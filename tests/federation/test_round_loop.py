@@ -7,8 +7,6 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from fgrpo.config import config_from_dict
 from fgrpo.federation import wire
@@ -17,34 +15,17 @@ from fgrpo.federation.methods import build_strategy
 from fgrpo.federation.server import RoundLoop
 from fgrpo.reporting.results import MetricsWriter
 
+from fake_apps import fake_client_app
+
 THETA0 = {"a": np.zeros(3, np.float32)}
 
 
-def fake_app(broken: set[int] = frozenset(), liar: int | None = None) -> ClientApp:
+def fake_app(broken: set[int] = frozenset(), liar: int | None = None):
     """Client k adds k + 1 to θ and reports 10·(k + 1) examples; clients in `broken` send NaN.
 
     The `liar` reports reward-mean 10^round (a huge, ever-growing fake gain) and sends 20× its step.
     """
-    app = ClientApp()
-
-    @app.train()
-    def train(msg, context):
-        cid = int(context.node_config["partition-id"])
-        theta = wire.record_to_arrays(msg.content[wire.ARRAYS])
-        step = (20 if cid == liar else 1) * (np.nan if cid in broken else cid + 1)
-        trained = {k: v + step for k, v in theta.items()}
-        reward = 10.0 ** int(msg.content[wire.CONFIG].get("server-round", 1)) if cid == liar else 0.5
-        metrics = {wire.CLIENT_ID: cid, wire.NUM_EXAMPLES: 10 * (cid + 1), wire.REWARD_MEAN: reward, wire.REWARD_STD: 0.1,
-                   wire.ACCURACY: 0.5, wire.TRAIN_TIME: 0.0, wire.UNIT_WEIGHT: 1}
-        return Message(RecordDict({wire.ARRAYS: wire.arrays_to_record(trained), wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-    @app.evaluate()
-    def evaluate(msg, context):
-        cid = int(context.node_config["partition-id"])
-        metrics = {wire.CLIENT_ID: cid, wire.NUM_EXAMPLES: 4, wire.ACC_HELDOUT: 0.25 * (cid + 1)}
-        return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-    return app
+    return fake_client_app(broken=broken, liar=liar)
 
 
 @pytest.fixture

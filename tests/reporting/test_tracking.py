@@ -9,46 +9,23 @@ import types
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from fgrpo.config import config_from_dict
 from fgrpo.errors import ConfigError
 from fgrpo.federation import wire
-from fgrpo.federation.export import layout_to_text
 from fgrpo.federation.inprocess import InProcessGrid
 from fgrpo.federation.server import run_federation
 from fgrpo.reporting.tracking import TENSORBOARD_DIR, record_scalars
+
+from fake_apps import fake_client_app
 
 THETA0 = {"layer.lora_A.default.weight": np.zeros((2, 3), np.float32), "layer.lora_B.default.weight": np.ones((3, 2), np.float32)}
 LAYOUT = {"files": {"adapter_config.json": "{}"}, "weights_file": "adapter_model.safetensors", "names": {k: k for k in THETA0}}
 
 
-def fake_app() -> ClientApp:
+def fake_app():
     """No model: client k adds k + 1 to θ, reports reward 0.1·(k + 1) and held-out accuracy 0.25·(k + 1)."""
-    app = ClientApp()
-
-    @app.query()
-    def init(msg, context):
-        config = ConfigRecord({wire.CHECKPOINT_LAYOUT: layout_to_text(LAYOUT)})
-        return Message(RecordDict({wire.ARRAYS: wire.arrays_to_record(THETA0), wire.CONFIG: config}), reply_to=msg)
-
-    @app.train()
-    def train(msg, context):
-        cid = int(context.node_config["partition-id"])
-        theta = wire.record_to_arrays(msg.content[wire.ARRAYS])
-        metrics = {wire.CLIENT_ID: cid, wire.NUM_EXAMPLES: 10 * (cid + 1), wire.REWARD_MEAN: 0.1 * (cid + 1),
-                   wire.REWARD_STD: 0.1, wire.ACCURACY: 0.5, wire.TRAIN_TIME: 0.0, wire.UNIT_WEIGHT: 1}
-        trained = {k: v + (cid + 1) for k, v in theta.items()}
-        return Message(RecordDict({wire.ARRAYS: wire.arrays_to_record(trained), wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-    @app.evaluate()
-    def evaluate(msg, context):
-        cid = int(context.node_config["partition-id"])
-        metrics = {wire.CLIENT_ID: cid, wire.NUM_EXAMPLES: 4, wire.ACC_HELDOUT: 0.25 * (cid + 1)}
-        return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-    return app
+    return fake_client_app(THETA0, LAYOUT, reward=lambda cid, server_round: 0.1 * (cid + 1))
 
 
 def run(tmp_path, **output):
