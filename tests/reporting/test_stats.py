@@ -30,6 +30,14 @@ def test_noise_around_zero_is_no_significant_difference():
     assert result.verdict == NO_DIFFERENCE
 
 
+def test_a_narrow_bootstrap_interval_from_three_seeds_is_not_a_claim_without_the_t_test():
+    reference = {0: 0.60, 1: 0.62, 2: 0.64}
+    values = {0: 0.603, 1: 0.627, 2: 0.663}  # +0.3, +0.7, +2.3 points
+    result = paired_comparison(values, reference)
+    assert result.ci_low > 0 and result.p_value > 0.05  # the interval alone would say "better"
+    assert result.verdict == NO_DIFFERENCE
+
+
 def test_only_seeds_both_methods_ran_are_paired_and_non_finite_ones_are_dropped():
     result = paired_comparison({0: 0.5, 1: 0.6, 2: float("nan"), 3: 0.9}, {0: 0.4, 1: 0.5, 2: 0.3, 4: 0.1})
     assert result.seeds == (0, 1)

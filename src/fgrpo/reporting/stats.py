@@ -6,7 +6,10 @@ cancels in their per-seed difference. The comparison is therefore made on the
 paired differences d_s = A_s − B_s: their mean, a 95% bootstrap confidence
 interval (scipy's BCa, percentile where BCa is undefined), and a paired
 t-test's two-sided p-value. The verdict is said in words, and "no significant
-difference" whenever the interval covers 0.
+difference" whenever the interval covers 0 or the t-test does not reject at the
+same level: with 3–5 seeds a bootstrap interval only sees the few differences
+it resamples and comes out too narrow (3 seeds at +0.3, +0.7, +2.3 points give
+a BCa interval above 0 but p = 0.29), so a claim needs both.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ class PairedComparison:
 
     @property
     def verdict(self) -> str:
-        """'better' / 'worse' when the CI excludes 0, else 'no significant difference'."""
+        """'better' / 'worse' when the CI excludes 0 and the paired t-test agrees, else 'no significant difference'."""
         if len(self.seeds) < 2 or not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high)):
             return "too few seeds to tell"
+        if not self.p_value < 1.0 - self.confidence:
+            return NO_DIFFERENCE
         if self.ci_low > 0:
             return "better"
         if self.ci_high < 0:
