@@ -359,3 +359,13 @@ def test_no_per_owner_table_when_every_method_shares_one_global_model(compare_di
     from fgrpo.reporting.report import write_report
 
     assert "Per owner" not in write_report(compare_dir).read_text()
+
+
+def test_the_words_say_which_test_stood_in_the_way_of_a_claim():
+    from fgrpo.reporting.report import why_no_difference
+    from fgrpo.reporting.stats import paired_comparison
+
+    narrow = paired_comparison({0: 0.603, 1: 0.627, 2: 0.663}, {0: 0.60, 1: 0.62, 2: 0.64})
+    assert "t-test does not reject" in why_no_difference(narrow)
+    covering = paired_comparison({0: 0.61, 1: 0.61, 2: 0.65}, {0: 0.60, 1: 0.62, 2: 0.64})
+    assert why_no_difference(covering) == "the 95% interval covers 0"

@@ -218,6 +218,13 @@ def _fmt_x(x: int | None) -> str:
 REFERENCE_METHOD = "fedavg"
 
 
+def why_no_difference(result) -> str:
+    """Which test did not support a claim: the interval, or (with a narrow interval from few seeds) the t-test."""
+    if result.ci_low <= 0 <= result.ci_high:
+        return "the 95% interval covers 0"
+    return f"the interval excludes 0 but the paired t-test does not reject, p = {result.p_value:.2f}"
+
+
 def paired_section(doc, groups: dict, methods: list[str]) -> None:
     """Each method against FedAvg, seed by seed: mean difference, 95% bootstrap CI, paired t-test, verdict."""
     from fgrpo.reporting.runs import final_by_seed
@@ -244,7 +251,7 @@ def paired_section(doc, groups: dict, methods: list[str]) -> None:
                 result.verdict,
             ]
         )
-        verdicts.append(f"{method}: {result.verdict}" + (" (the 95% interval covers 0)" if result.verdict == NO_DIFFERENCE else ""))
+        verdicts.append(f"{method}: {result.verdict}" + (f" ({why_no_difference(result)})" if result.verdict == NO_DIFFERENCE else ""))
     if not rows:
         return
     doc.heading(3, f"Paired differences against {REFERENCE_METHOD} (final accuracy, same seeds)")
