@@ -28,6 +28,17 @@ def test_a_dying_worker_fails_only_its_own_call_and_the_pool_recovers():
         assert [value for value, _ in pool.run(square_or_die, [6, 7])] == [36, 49]  # the next batch runs
 
 
+def test_a_worker_that_dies_between_batches_does_not_fail_the_next_one():
+    import signal
+    import time
+
+    with WorkerPool(1, 1) as pool:
+        (_, pid), = pool.run(square_or_die, [2])
+        os.kill(pid, signal.SIGKILL)  # dies after its results were in: the executor learns it late
+        time.sleep(1.0)
+        assert [value for value, _ in pool.run(square_or_die, [3, 4])] == [9, 16]
+
+
 def test_workers_keep_their_processes_between_batches():
     with WorkerPool(1, 1) as pool:
         (_, first), = pool.run(square_or_die, [2])

@@ -88,8 +88,13 @@ class WorkerPool:
         is called in this process as each result arrives. Exceptions `fn` raises propagate.
         """
         results: list[Any] = [None] * len(items)
-        pool = self._pool()
-        futures = {pool.submit(fn, item): index for index, item in enumerate(items)}
+        try:
+            futures = {self._pool().submit(fn, item): index for index, item in enumerate(items)}
+        except BrokenProcessPool:
+            # A worker of the previous call died after its results were in (the executor notices late,
+            # under load): this call starts on a fresh pool instead of failing.
+            self._restart()
+            futures = {self._pool().submit(fn, item): index for index, item in enumerate(items)}
         lost = []
         for future in as_completed(futures):
             index = futures[future]
