@@ -88,13 +88,16 @@ class WorkerPool:
         is called in this process as each result arrives. Exceptions `fn` raises propagate.
         """
         results: list[Any] = [None] * len(items)
+        def submit_all() -> dict:
+            return {self._pool().submit(fn, item): index for index, item in enumerate(items)}
+
         try:
-            futures = {self._pool().submit(fn, item): index for index, item in enumerate(items)}
+            futures = submit_all()
         except BrokenProcessPool:
             # A worker of the previous call died after its results were in (the executor notices late,
             # under load): this call starts on a fresh pool instead of failing.
             self._restart()
-            futures = {self._pool().submit(fn, item): index for index, item in enumerate(items)}
+            futures = submit_all()
         lost = []
         for future in as_completed(futures):
             index = futures[future]
