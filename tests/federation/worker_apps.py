@@ -75,7 +75,9 @@ def _train(msg: Message, context: Context, die_partition: int) -> Message:
         os._exit(3)
     arrays = {k: Array(v.numpy() + (pid + 1)) for k, v in msg.content[wire.ARRAYS].items()}
     metrics = {wire.CLIENT_ID: pid, wire.NUM_EXAMPLES: 10 * (pid + 1), wire.REWARD_MEAN: 0.5 * calls,
-               wire.REWARD_STD: 0.1, wire.ACCURACY: 0.5, wire.TRAIN_TIME: 0.0, wire.UNIT_WEIGHT: 1, "worker-pid": os.getpid()}
+               wire.REWARD_STD: 0.1, wire.ACCURACY: 0.5, wire.TRAIN_TIME: 0.0, wire.UNIT_WEIGHT: 1,
+               # a float: a varint int would change the reply's byte count with the pid's magnitude
+               "worker-pid": float(os.getpid())}
     return Message(RecordDict({wire.ARRAYS: ArrayRecord(arrays), wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
