@@ -3,14 +3,17 @@
     python benchmarks/loaded_machine.py [--steps 10] [--warmup 2] [--prompts 8] [--generations 8] [--length 16] [--threads K]
 
 The step runs in this process with the thread count fgrpo's policy picks for
-one process (`fgrpo.core.threads`, "auto": every core, or OMP_NUM_THREADS when
-set); `--threads` overrides it. It is timed three times: idle; beside a
-busy-loop process; and beside a second torch process that uses torch's
-default thread count (one thread per core, as an fgrpo run without a thread
-policy would). This script starts each load itself and stops it (by its pid)
-after the timing. Each load also ends on its own after `--load-limit-s`
-seconds. Each load gets `--warmup` steps to settle before the steps are
-timed. The last two lines give loaded-to-idle median step time, one per load.
+one process (`fgrpo.core.threads.auto_threads`: the cores that no other
+process keeps busy, or OMP_NUM_THREADS when set); `--threads` overrides it.
+It is timed idle, then beside each load the script starts (and stops, by its
+pid): a busy-loop process, and a second torch process with torch's default
+thread count (one thread per core, as a run without a thread policy). Under
+each load the policy looks at the machine after the load has run for 1 s, as
+a run started then would, and the step is timed at the threads it picks and,
+where that differs, at torch's default of one thread per core: the collapse
+the policy avoids. Each load ends on its own after `--load-limit-s` seconds.
+Each timing gets `--warmup` steps to settle. The last two lines give
+loaded-to-idle median step time, one per load.
 """
 
 from __future__ import annotations
@@ -59,9 +62,7 @@ def main() -> None:
     parser.add_argument("--load-limit-s", type=float, default=900.0, help="each load process ends by itself after this")
     args = parser.parse_args()
 
-    from fgrpo.core.threads import apply_threads, available_cores, env_thread_budget, threads_per_worker
-
-    threads = apply_threads(threads_per_worker(1, available_cores(), args.threads or "auto", env_thread_budget()))
+    from fgrpo.core.threads import apply_threads, auto_threads, available_cores
 
     from fgrpo.config import Config
     from fgrpo.core.learner import GRPOLearner
@@ -89,21 +90,33 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    results = {"idle": median_step_s()}
+    def timed(threads: int) -> float:
+        apply_threads(threads)
+        return median_step_s()
+
+    cores = available_cores()
+    idle_threads = apply_threads(auto_threads(1, args.threads or "auto"))
+    rows = {"idle": (idle_threads, timed(idle_threads), None)}
     for name, code in (("busy loop", BUSY_LOOP), ("torch process", TORCH_LOAD)):
         load = start_load(code, args.load_limit_s, args.nice)
         try:
-            results[name] = median_step_s()
+            time.sleep(1.0)  # the load is running before the policy looks at the machine, as for a run started now
+            threads = auto_threads(1, args.threads or "auto")
+            without_policy = timed(cores) if threads != cores else None  # torch's default: one thread per core
+            rows[name] = (threads, timed(threads), without_policy)
         finally:
             stop_load(load)
 
-    print(f"cores={available_cores()} threads={threads} prompts={args.prompts} G={args.generations} max_len={args.length} "
-          f"load nice={args.nice}")
-    print(f"{'load':<16}{'median step (s)':>16}{'loaded / idle':>15}")
-    for name, seconds in results.items():
-        print(f"{name:<16}{seconds:>16.3f}{seconds / results['idle']:>15.2f}")
+    idle = rows["idle"][1]
+    print(f"cores={cores} prompts={args.prompts} G={args.generations} max_len={args.length} load nice={args.nice}")
+    print(f"{'load':<16}{'threads':>8}{'median step (s)':>16}{'loaded / idle':>15}{'at ' + str(cores) + ' threads':>14}")
+    for name, (threads, seconds, without) in rows.items():
+        other = "" if without is None else f"{without / idle:.2f}"
+        print(f"{name:<16}{threads:>8}{seconds:>16.3f}{seconds / idle:>15.2f}{other:>14}")
     for name in ("busy loop", "torch process"):
-        print(f"ratio: {name} loaded / idle step time = {results[name] / results['idle']:.2f}x at {threads} thread(s)")
+        threads, seconds, without = rows[name]
+        other = "" if without is None else f" (torch's default {cores} threads: {without / idle:.2f}x)"
+        print(f"ratio: {name} loaded / idle step time = {seconds / idle:.2f}x at {threads} thread(s){other}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,14 @@ def _model_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _idle_machine(request, monkeypatch):
+    """The thread policy sees an idle machine, so a plan does not change with what else runs beside the tests
+    (tests marked `machine_load` read the real load)."""
+    if request.node.get_closest_marker("machine_load") is None:
+        monkeypatch.setattr("fgrpo.core.threads.busy_cores", lambda interval_s=0.05: 0.0)
+
+
 def small_config_dict(tmp: Path, **sections) -> dict:
     base = {
         "model": {"source": "tiny", "warm_start": {"steps": 30, "batch_size": 32}, "lora": {"rank": 4, "alpha": 8}},

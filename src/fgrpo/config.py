@@ -430,6 +430,13 @@ class FederationConfig(Section):
         description="Each client keeps its AdamW moments from its previous round (in its own node state, never "
         "sent) instead of starting every round with a fresh optimizer; centralized then trains like one run.",
     )
+    centralized_batch: Literal["pooled", "sequential"] = Field(
+        "pooled",
+        description="How centralized GRPO does the sampled clients' rollouts of a round: 'pooled' takes local_steps "
+        "steps of prompts_per_step × clients prompts each (one large batch per step, the same number of optimizer "
+        "steps as a client), 'sequential' takes local_steps × clients steps of prompts_per_step prompts. Same "
+        "rollouts either way; 'pooled' needs that many prompts in memory at once.",
+    )
     fraction_train: float = Field(1.0, gt=0, le=1, description="Share of clients sampled per round.")
     min_train_clients: int = Field(1, ge=1, description="Sample at least this many; fewer successes fail the round.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx μ (used by method 'fedprox').")

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from fgrpo.core.threads import (
     apply_threads,
+    auto_threads,
     available_cores,
+    busy_cores,
     env_thread_budget,
     resolve_workers,
     thread_env,
@@ -34,6 +36,39 @@ def test_auto_splits_the_cores_between_workers():
     assert threads_per_worker(3, 16) == 5
     assert threads_per_worker(4, 16, env_budget=2) == 2  # a budget the launcher set is honoured
     assert threads_per_worker(4, 16, env_budget=8) == 4  # but never past the fair share
+
+
+def test_auto_leaves_out_the_cores_other_processes_keep_busy():
+    assert threads_per_worker(1, 2, busy=1.0) == 1  # beside a busy loop on a 2-core laptop
+    assert threads_per_worker(1, 2, busy=2.0) == 1  # never below one
+    assert threads_per_worker(1, 2, busy=0.3) == 2  # noise rounds away
+    assert threads_per_worker(2, 16, busy=4.0) == 6
+    assert threads_per_worker(1, 16, busy=4.0, env_budget=16) == 12
+    assert threads_per_worker(1, 2, 2, busy=1.0) == 2  # an explicit count still wins
+
+
+def test_auto_threads_counts_busy_cores_only_without_a_launchers_budget(monkeypatch):
+    monkeypatch.setattr("fgrpo.core.threads.busy_cores", lambda interval_s=0.05: 1.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert auto_threads(1, cores=2) == 1
+    assert auto_threads(1, cores=2, env={"OMP_NUM_THREADS": "2"}) == 2  # a worker's siblings are its launcher's plan
+    assert auto_threads(1, 2, cores=2) == 2
+
+
+@pytest.mark.machine_load
+def test_busy_cores_sees_a_busy_loop_in_another_process():
+    import subprocess
+    import sys
+
+    assert 0.0 <= busy_cores() <= available_cores()
+    loop = "import sys, time\nprint('ready', flush=True)\nend = time.time() + 20\nwhile time.time() < end:\n    pass\n"
+    process = subprocess.Popen([sys.executable, "-c", loop], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        assert busy_cores(0.5) >= 0.5  # one process spinning: about one core (more if the machine is busy anyway)
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_an_explicit_thread_count_wins():

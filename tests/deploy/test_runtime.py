@@ -214,7 +214,7 @@ def test_supernodes_of_a_local_federation_share_the_cores(tmp_path, monkeypatch)
     import fgrpo.deploy.supervisor as supervisor
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(supervisor, "available_cores", lambda: 8)
+    monkeypatch.setattr("fgrpo.core.threads.available_cores", lambda: 8)
     nodes = [{"partition-id": i, "num-partitions": 4} for i in range(4)]
     federation = supervisor.LocalFederation(nodes, tmp_path)
     assert federation.threads == 2 and federation.env["OMP_NUM_THREADS"] == "2"

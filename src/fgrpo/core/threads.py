@@ -12,6 +12,13 @@ how many such processes share the machine.
 SuperNode that started a ClientApp, the runtime that started a worker) is a
 budget "auto" honours; an explicit integer (`runtime.threads`, `--threads`)
 wins over everything.
+
+Without such a budget, "auto" also leaves out the cores that other processes
+keep busy when fgrpo starts (`busy_cores`, sampled from /proc/stat for 50 ms):
+a run started beside another run, or beside a busy loop, takes 1 thread
+instead of 2 on 2 cores. One thread degrades to its fair share of a loaded
+core; two threads that wait on each other at every operation collapse
+(benchmarks/loaded_machine.py measures both).
 """
 
 from __future__ import annotations
@@ -41,16 +48,57 @@ def env_thread_budget(env: Mapping[str, str] | None = None) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
-def threads_per_worker(workers: int, cores: int, requested: Threads = "auto", env_budget: int | None = None) -> int:
-    """Torch threads for each of `workers` processes on `cores` cores.
+def threads_per_worker(
+    workers: int, cores: int, requested: Threads = "auto", env_budget: int | None = None, busy: float = 0.0
+) -> int:
+    """Torch threads for each of `workers` processes on `cores` cores, `busy` of them kept busy by others.
 
-    "auto": cores // workers (at least 1), capped by `env_budget` (OMP_NUM_THREADS) when one is set;
+    "auto": the idle cores // workers (at least 1), capped by `env_budget` (OMP_NUM_THREADS) when one is set;
     an int: exactly that (the user's choice, even past the cores).
     """
     if requested != "auto":
         return int(requested)
-    fair_share = max(1, cores // max(1, workers))
+    idle = max(1, cores - round(busy))
+    fair_share = max(1, idle // max(1, workers))
     return fair_share if env_budget is None else max(1, min(env_budget, fair_share))
+
+
+def busy_cores(interval_s: float = 0.05) -> float:
+    """Cores that other processes kept busy over the next `interval_s` seconds (0.0 where /proc/stat is missing).
+
+    Machine-wide busy time from /proc/stat, less this process's own CPU time over the same interval.
+    """
+    import time
+
+    def sample() -> tuple[float, float, float]:  # (busy jiffies, all jiffies, own CPU seconds)
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [float(x) for x in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        return sum(fields) - idle, sum(fields), time.process_time()
+
+    try:
+        busy0, total0, own0 = sample()
+        time.sleep(interval_s)
+        busy1, total1, own1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    cores_seen = available_cores()
+    busy = (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or cores_seen)
+    return max(0.0, min(float(cores_seen), busy - (own1 - own0) / interval_s))
+
+
+def auto_threads(
+    workers: int, requested: Threads = "auto", cores: int | None = None, env: Mapping[str, str] | None = None
+) -> int:
+    """`threads_per_worker` for this machine now: its cores, OMP_NUM_THREADS (in `env`, default this process's),
+    and, only for "auto" without such a budget (a worker that got its budget from its launcher must not count
+    its siblings), the cores other processes keep busy."""
+    cores = available_cores() if cores is None else cores
+    budget = env_thread_budget(env)
+    busy = busy_cores() if requested == "auto" and budget is None else 0.0
+    return threads_per_worker(workers, cores, requested, budget, busy)
 
 
 def resolve_workers(requested: int | Literal["auto"], clients_per_round: int, cores: int) -> int:

@@ -23,7 +23,7 @@ import os
 from typing import Any
 
 from fgrpo.config import Config, dump_config
-from fgrpo.core.threads import available_cores, env_thread_budget, thread_env, threads_per_worker
+from fgrpo.core.threads import auto_threads, available_cores, thread_env
 from fgrpo.errors import ConfigError, FederationError
 
 INSTALL_HINT = "pip install 'fgrpo[ray]'"
@@ -43,7 +43,7 @@ def actor_threads(config: Config, nodes: int, cores: int | None = None) -> int:
     """Torch threads of each client actor: the thread policy over the actors that run at once."""
     cores = available_cores() if cores is None else cores
     actors = concurrent_actors(config.runtime.num_cpus_per_client, nodes, cores)
-    return threads_per_worker(actors, cores, config.runtime.threads, env_thread_budget())
+    return auto_threads(actors, config.runtime.threads, cores)
 
 
 def backend_config(config: Config, cores: int | None = None) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def execution_plan(config: Config) -> tuple[int, int]:
     "auto" workers: min(cores, the clients a round reaches), 1 on a GPU (each worker
     would hold its own copy of the model there; Ray's fractional GPUs share one).
     """
-    from fgrpo.core.threads import available_cores, env_thread_budget, resolve_workers, threads_per_worker
+    from fgrpo.core.threads import auto_threads, available_cores, resolve_workers
 
     cores, nodes = available_cores(), len(node_configs(config))
     runtime = config.runtime
@@ -61,7 +61,7 @@ def execution_plan(config: Config) -> tuple[int, int]:
         workers = 1
     else:
         workers = min(nodes, resolve_workers(runtime.workers, nodes, cores))
-    return workers, threads_per_worker(workers, cores, runtime.threads, env_thread_budget())
+    return workers, auto_threads(workers, runtime.threads, cores)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fgrpo.config import Config
-from fgrpo.core.threads import Threads, available_cores, env_thread_budget, thread_env, threads_per_worker
+from fgrpo.core.threads import Threads, auto_threads, thread_env
 from fgrpo.errors import FederationError
 from fgrpo.deploy.commands import (
     CONNECTION,
@@ -70,7 +70,7 @@ class LocalFederation:
         self.tls = tls or supernode_auth
         self.supernode_auth = supernode_auth
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.work_dir / "flwr-home")}
-        self.threads = threads_per_worker(len(self.node_configs), available_cores(), threads, env_thread_budget(self.env))
+        self.threads = auto_threads(len(self.node_configs), threads, env=self.env)
         self.env.update(thread_env(self.threads))
         # Flower's processes run in other working directories: give them this very fgrpo, by absolute path.
         package_root = str(Path(__file__).resolve().parents[2])

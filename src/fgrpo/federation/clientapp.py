@@ -22,7 +22,7 @@ from fgrpo.config import Config
 from fgrpo.core.learner import GRPOLearner
 from fgrpo.core.model import checkpoint_layout, get_trainable_arrays
 from fgrpo.core.pipeline import build_learner
-from fgrpo.core.threads import apply_threads, available_cores, env_thread_budget, threads_per_worker
+from fgrpo.core.threads import apply_threads, auto_threads
 from fgrpo.federation import wire
 from fgrpo.federation.client import (
     ClientData,
@@ -111,11 +111,11 @@ def _shared_learner(config_text: str) -> GRPOLearner:
 
     Its first use is where this process takes its torch thread budget
     (`runtime.threads`; "auto": the OMP_NUM_THREADS that whoever started this
-    process set, else every core): a Flower ClientApp process, an in-process
+    process set, else every core that no other process keeps busy): a Flower ClientApp process, an in-process
     worker and a Ray actor all pass through here before they run torch.
     """
     config = config_from_text(config_text)
-    apply_threads(threads_per_worker(1, available_cores(), config.runtime.threads, env_thread_budget()))
+    apply_threads(auto_threads(1, config.runtime.threads))
     return build_learner(config, config.training.seed)
 
 
@@ -360,7 +360,7 @@ def client_train(msg: Message, context: Context) -> Message:
         start,
         data,
         local_steps=int(round_config.get(wire.LOCAL_STEPS, config.federation.local_steps)),
-        prompts_per_step=config.training.prompts_per_step,
+        prompts_per_step=max(1, int(round_config.get(wire.PROMPTS_PER_STEP, config.training.prompts_per_step))),
         seed=round_seed(config.training.seed, data.client_id, server_round),
         proximal_mu=float(round_config.get(wire.PROXIMAL_MU, 0.0)),
         optimizer_state=record_to_arrays(context.state[wire.OPTIMIZER_KEY]) if keep_optimizer and wire.OPTIMIZER_KEY in context.state else None,

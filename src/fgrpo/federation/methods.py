@@ -96,11 +96,21 @@ def _with_dp(strategy, config: Config, sampled: int, num_nodes: int):
 
 
 def local_steps_per_round(config: Config) -> int:
-    """Centralized training does the work of all sampled clients in one place (equal rollouts)."""
+    """GRPO steps per round. Centralized does the rollouts of all sampled clients in one place (equal rollouts):
+    as many steps as a client with their pooled prompts, or (`centralized_batch = "sequential"`) their steps
+    one after another."""
     fed = config.federation
-    if fed.method == "centralized":
+    if fed.method == "centralized" and fed.centralized_batch == "sequential":
         return fed.local_steps * clients_per_round(config)
     return fed.local_steps
+
+
+def prompts_per_step(config: Config) -> int:
+    """Prompts per GRPO step: a client's `training.prompts_per_step`, × the sampled clients for pooled centralized."""
+    fed = config.federation
+    if fed.method == "centralized" and fed.centralized_batch == "pooled":
+        return config.training.prompts_per_step * clients_per_round(config)
+    return config.training.prompts_per_step
 
 
 def weight_key(config: Config) -> str:

@@ -44,7 +44,7 @@ from fgrpo.federation.checkpoint import (
 )
 from fgrpo.federation.export import layout_from_text, save_weights
 from fgrpo.federation.hetlora import full_rank, rankwise_correction
-from fgrpo.federation.methods import build_strategy, local_steps_per_round, weight_key
+from fgrpo.federation.methods import build_strategy, local_steps_per_round, prompts_per_step, weight_key
 from fgrpo.federation.reply_checks import error_reason, screen_round
 from fgrpo.federation.screening import Failure, clip_replies, screen_replies
 from fgrpo.federation.strategies import WeightedAverage
@@ -211,7 +211,11 @@ class RoundLoop:
     @property
     def round_config(self) -> ConfigRecord:
         fed = self.config.federation
-        return ConfigRecord({wire.LOCAL_STEPS: local_steps_per_round(self.config), wire.LOCAL_ONLY: fed.method == "local"})
+        return ConfigRecord({
+            wire.LOCAL_STEPS: local_steps_per_round(self.config),
+            wire.PROMPTS_PER_STEP: prompts_per_step(self.config),
+            wire.LOCAL_ONLY: fed.method == "local",
+        })
 
     # ------------------------------------------------------------------ stages of a training round
 

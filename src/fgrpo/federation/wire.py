@@ -43,6 +43,7 @@ CONFIG = "config"
 # Train / evaluate config the server sends.
 SERVER_ROUND = "server-round"  # Flower's strategies add it
 LOCAL_STEPS = "local-steps"
+PROMPTS_PER_STEP = "prompts-per-step"
 LOCAL_ONLY = "local-only"
 PROXIMAL_MU = "proximal-mu"  # FedProx adds it
 
