@@ -1,7 +1,7 @@
 """One lying data owner against FGRPO and FedAvg: the defaults versus the previous (undefended) defaults.
 
     python examples/robustness.py [--seeds 0,1,2] [--methods fgrpo,fedavg] [--out runs/robustness]
-                                  [--settings defaults,previous] [--set federation.fraction_train=0.5]
+                                  [--settings defaults,previous] [--set federation.fraction_train=0.5] [--reuse DIR]
 
 Runs the shipped quickstart scenario (`fgrpo quickstart`'s) for every method,
 seed, setting and case, one run at a time, in OUT/<setting>/<case>/<method>/seed<k>/:
@@ -14,7 +14,9 @@ seed, setting and case, one run at a time, in OUT/<setting>/<case>/<method>/seed
   θ_t + 20·(θ_k − θ_t); `federation.attack`).
 A run whose summary.json exists with the same config.toml is read, not run
 again, so the grid can be filled over several invocations (`--settings`,
-`--cases`, `--seeds`). Prints, per method and setting, the final global
+`--cases`, `--seeds`); `--reuse DIR` also reads the finished runs of a
+comparison directory (`fgrpo quickstart --seeds 5 -o DIR`: the honest runs
+with the defaults) when their config is the same but for the output folder. Prints, per method and setting, the final global
 held-out accuracy per seed, the paired difference attacked − honest with a 95%
 bootstrap CI (`fgrpo.reporting.stats`), and the liar's largest aggregation
 weight and smallest clip factor in any round, and the number of rounds it was
@@ -52,13 +54,25 @@ def cell_config(overrides: dict, setting: str, case: str, method: str, seed: int
     return with_method(config, method, seed, out / setting / case / method / f"seed{seed}")
 
 
-def run_or_read(config: Config) -> dict:
-    """The run's summary: read when an identical run already finished there, else run it."""
+def finished_as(config: Config, run_dir: Path) -> bool:
+    """Whether `run_dir` holds a finished run of `config` (the same config but for its output directory)."""
+    data = config.model_dump()
+    data["output"]["dir"] = str(run_dir)
+    config_file, done = run_dir / "config.toml", run_dir / "summary.json"
+    return done.is_file() and config_file.is_file() and config_file.read_text() == dump_config(Config.model_validate(data))
+
+
+def run_or_read(config: Config, reuse: Path | None = None) -> tuple[dict, Path]:
+    """The run's summary and directory: read when an identical run already finished there (or, with `reuse`, in
+    the comparison directory `reuse`/<method>/seed<k>, e.g. `fgrpo quickstart --seeds 5`'s), else run it."""
     run_dir = Path(config.output.dir)
-    done = run_dir / "summary.json"
-    if done.is_file() and (run_dir / "config.toml").read_text() == dump_config(config):
-        return json.loads(done.read_text())
-    return run_simulation(config, overwrite=True, progress=False)
+    candidates = [run_dir]
+    if reuse is not None:
+        candidates.append(reuse / config.federation.method / f"seed{config.training.seed}")
+    for candidate in candidates:
+        if finished_as(config, candidate):
+            return json.loads((candidate / "summary.json").read_text()), candidate
+    return run_simulation(config, overwrite=True, progress=False), run_dir
 
 
 def liar_influence(run_dir: Path, liar: int = LIAR) -> dict:
@@ -98,6 +112,9 @@ def main() -> None:
     parser.add_argument("--set", dest="set_values", action="append", default=[], help="Override, e.g. federation.fraction_train=0.5.")
     parser.add_argument("--out", type=Path, default=Path("runs/robustness"))
     parser.add_argument("--json", type=Path, default=None, help="Also write every number here.")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="A comparison directory (fgrpo quickstart/compare -o DIR) whose finished runs with the same "
+                             "config (but for the output directory) are read instead of run again.")
     args = parser.parse_args()
     quiet_flower_logs()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -118,9 +135,9 @@ def main() -> None:
             for method in methods:
                 for seed in seeds:
                     config = cell_config(overrides, setting, case, method, seed, args.out)
-                    summary = run_or_read(config)
+                    summary, run_dir = run_or_read(config, args.reuse)
                     accuracy.setdefault((setting, case, method), {})[seed] = summary["final/acc_heldout"]
-                    influence.setdefault((setting, case, method), {})[seed] = liar_influence(Path(config.output.dir))
+                    influence.setdefault((setting, case, method), {})[seed] = liar_influence(run_dir)
 
     rows, result = [], {"seeds": seeds, "overrides": overrides, "cells": {}, "comparisons": {}}
     for (setting, case, method), values in accuracy.items():

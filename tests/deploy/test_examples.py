@@ -48,3 +48,29 @@ def test_recipe_b_runs_two_rounds_on_a_tiny_qwen2(tmp_path, monkeypatch):
     client = next(r for r in records if r["kind"] == "client" and "client/reward_mean" in r)
     # math_verify + 0.2 format + 0.5 length penalty: the reward lies in [-0.5, 1.2]
     assert -0.5 <= client["client/reward_mean"] <= 1.2
+
+
+def load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_robustness_reads_a_comparisons_finished_run_with_the_same_config_instead_of_running_it(tmp_path):
+    from fgrpo.config import dump_config
+    from fgrpo.deploy.runtime import with_method
+
+    robustness = load_example("robustness")
+    config = robustness.cell_config({}, "defaults", "honest", "fedavg", 1, tmp_path / "robustness")
+    compare_run = tmp_path / "qs5" / "fedavg" / "seed1"
+    compare_run.mkdir(parents=True)
+    (compare_run / "config.toml").write_text(dump_config(with_method(config, "fedavg", 1, compare_run)))
+    (compare_run / "summary.json").write_text(json.dumps({"final/acc_heldout": 0.625}))
+    summary, run_dir = robustness.run_or_read(config, reuse=tmp_path / "qs5")
+    assert summary["final/acc_heldout"] == 0.625 and run_dir == compare_run
+    # any other setting (here: the attacked case) is a different run, never read from there
+    attacked = robustness.cell_config({}, "defaults", "attacked", "fedavg", 1, tmp_path / "robustness")
+    assert not robustness.finished_as(attacked, compare_run)
