@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fgrpo.cache import cache_root
 from fgrpo.config import FamilyConfig, WarmStartConfig
 from fgrpo.core.model import build_tiny_model
 from fgrpo.data.tasks import generate_examples
@@ -27,10 +27,6 @@ from fgrpo.data.tasks import generate_examples
 RECIPE_VERSION = 1
 # Seed offset so warm-start data never reuses the task pool's seeds.
 WARM_START_SEED_OFFSET = 10_007
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FGRPO_CACHE", Path.home() / ".cache" / "fgrpo"))
 
 
 def warm_start_key(warm_start: WarmStartConfig, families: list[FamilyConfig]) -> str:

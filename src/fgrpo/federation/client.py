@@ -20,7 +20,7 @@ from fgrpo.core.evaluate import evaluate
 from fgrpo.core.learner import GRPOLearner, ProximalTerm, mean_variance, seeded
 from fgrpo.core.model import get_trainable_arrays, set_trainable_arrays, trainable_parameters
 from fgrpo.data.node_spec import owner_name, owner_tasks
-from fgrpo.data.partition import partition
+from fgrpo.data.partition_cache import cached_partition
 from fgrpo.data.rewards import OWNER_COLUMN
 from fgrpo.core.pipeline import build_task_splits
 from fgrpo.data.tasks import Example
@@ -76,7 +76,7 @@ def all_client_data(config: Config, num_clients: int) -> list[ClientData]:
     def shares(pool: list[Example]) -> list[list[Example]]:
         if not pool:
             return [[] for _ in range(num_clients)]
-        parts = partition(partition_labels(pool, by), scheme, num_clients, seed, **options)
+        parts = cached_partition(partition_labels(pool, by), scheme, num_clients, seed, **options)
         return [[pool[i] for i in part] for part in parts]
 
     train, test, validation = shares(splits.train), shares(splits.test), shares(splits.validation)
