@@ -1,9 +1,11 @@
-"""output.report_to: a federated run's metrics.jsonl records reach TensorBoard's event file and W&B (mocked)."""
+"""output.report_to: a federated run's metrics.jsonl records reach TensorBoard's event file and W&B
+(a real offline run read back from its .wandb file, and a fake that records the calls)."""
 
 from __future__ import annotations
 
 import importlib.machinery
 import json
+import struct
 import sys
 import types
 
@@ -124,6 +126,64 @@ def test_wandb_mode_is_left_to_wandb_unless_set(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     run(tmp_path, report_to=["wandb"])
     assert "mode" not in fake.inits[0]
+
+
+def offline_wandb_records(path):
+    """The protobuf records of a W&B offline run file (`run-<id>.wandb`).
+
+    wandb ≥ 0.31 ships no reader of its own, so this follows the file's documented framing (LevelDB's log
+    format): a 7-byte header (":W&B", magic, version), then 32 KiB blocks of chunks, each a 7-byte header
+    (CRC32C, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    block, data = 32768, path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, pending = 7, b""
+    while position + 7 <= len(data):
+        room = block - position % block
+        if room < 7:  # a block's tail too short for a chunk header is padding
+            position += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if length == 0 and kind == 0:
+            break
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_a_real_offline_wandb_run_holds_the_config_and_every_record_at_its_round(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # nothing outside tmp_path
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    records = run(tmp_path, report_to="wandb", wandb_mode="offline", wandb_project="consortium")
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    history: dict[str, dict[int, float]] = {}
+    runs = []
+    for record in offline_wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            runs.append(record.run)
+        elif kind == "history":
+            for item in record.history.item:
+                tag = item.key or "/".join(item.nested_key)
+                if not tag.startswith("_"):  # wandb's own _step, _runtime, _timestamp
+                    history.setdefault(tag, {})[record.history.step.num] = json.loads(item.value_json)
+    (wandb_run,) = runs
+    assert wandb_run.project == "consortium" and wandb_run.display_name == "fgrpo-seed0"
+    config = {item.key: json.loads(item.value_json) for item in wandb_run.config.update}
+    assert config["federation"]["method"] == "fgrpo"
+    expected = expected_scalars(records)
+    assert "global/acc_heldout" in expected and "agg/weight/client1" in expected
+    assert history.keys() == expected.keys()
+    for tag, by_step in expected.items():
+        assert history[tag] == pytest.approx(by_step), tag
 
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
