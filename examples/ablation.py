@@ -21,7 +21,8 @@ from importlib import resources
 from pathlib import Path
 
 from fgrpo.config import deep_merge, load_config, parse_override
-from fgrpo.deploy.runtime import quiet_flower_logs, run_comparison
+from fgrpo.deploy.runtime import run_comparison
+from fgrpo.reporting.noise import quiet_libraries
 from fgrpo.reporting.stats import paired_comparison
 
 SCENARIOS = ("quickstart", "label_skew", "quantity_skew")
@@ -66,7 +67,7 @@ def main() -> None:
         help="override a config value in every scenario and arm (e.g. a shorter budget: federation.rounds=4)",
     )
     args = parser.parse_args()
-    quiet_flower_logs()
+    quiet_libraries()  # fgrpo's own output only, as the CLI shows it (FGRPO_VERBOSE=1 shows the rest)
     seeds = list(range(args.seeds))
     variants = [v.strip() for v in args.variants.split(",")]
     print(f"| scenario | method | final accuracy ({args.split}) | paired Δ vs FedAvg [95% CI] | verdict |")

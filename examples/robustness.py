@@ -36,7 +36,8 @@ from importlib import resources
 from pathlib import Path
 
 from fgrpo.config import Config, deep_merge, dump_config, load_config, parse_override
-from fgrpo.deploy.runtime import quiet_flower_logs, run_simulation, with_method
+from fgrpo.deploy.runtime import run_simulation, with_method
+from fgrpo.reporting.noise import quiet_libraries
 from fgrpo.reporting.stats import paired_comparison
 
 LIAR = 0
@@ -116,7 +117,7 @@ def main() -> None:
                         help="A comparison directory (fgrpo quickstart/compare -o DIR) whose finished runs with the same "
                              "config (but for the output directory) are read instead of run again.")
     args = parser.parse_args()
-    quiet_flower_logs()
+    quiet_libraries()  # fgrpo's own output only, as the CLI shows it (FGRPO_VERBOSE=1 shows the rest)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods, settings, cases = args.methods.split(","), args.settings.split(","), args.cases.split(",")
     for name, chosen, known in (("setting", settings, SETTINGS), ("case", cases, CASES)):
