@@ -222,3 +222,11 @@ def test_runtime_counts_are_auto_or_whole_numbers_also_from_command_line_text():
     runtime = config_from_dict({"runtime": {"workers": "2", "threads": "auto"}}).runtime
     assert (runtime.workers, runtime.threads) == (2, "auto")
     assert (Config().runtime.workers, Config().runtime.threads) == ("auto", "auto")
+
+
+def test_fgrpo_max_tilt_is_off_by_default_a_number_at_least_one_or_refused_naming_its_key():
+    assert config_from_dict({}).federation.fgrpo.max_tilt == "off"
+    assert config_from_dict({"federation": {"fgrpo": {"max_tilt": 1.5}}}).federation.fgrpo.max_tilt == 1.5
+    for bad in (0.5, "inf", "big"):
+        with pytest.raises(ConfigError, match="max_tilt"):
+            config_from_dict({"federation": {"fgrpo": {"max_tilt": bad}}})

@@ -327,6 +327,11 @@ class FGRPOOptions(Section):
         "equal weights).",
     )
     size_prior: bool = Field(True, description="Prior p_k = n_k/Σn (true) or uniform (false).")
+    max_tilt: Annotated[float, Field(ge=1, allow_inf_nan=False)] | Literal["off"] = Field(
+        "off",
+        description="c ≥ 1: each client's tilt exp(g/τ) is bounded to [1/c, c], so a reported gain alone cannot lift "
+        "a small owner to the cap w_max; 'off': unbounded (the paper's).",
+    )
     server_lr: float = Field(1.0, ge=0, description="η_server of θ ← θ + η Σ w_k Δ_k.")
 
     @model_validator(mode="after")
@@ -344,6 +349,11 @@ class FGRPOOptions(Section):
     @classmethod
     def _auto(cls, value: Any, handler: Any) -> Any:
         return _number_or_keyword(value, handler, "auto", "a number in (0, 1]")
+
+    @field_validator("max_tilt", mode="wrap")
+    @classmethod
+    def _tilt_off(cls, value: Any, handler: Any) -> Any:
+        return _number_or_keyword(value, handler, "off", "a finite number >= 1")
 
 
 class ServerOptConfig(Section):

@@ -607,6 +607,17 @@ def test_fgrpo_default_caps_a_liar_at_one_and_a_half_equal_shares():
     assert liar_weights(FGRPO(w_max=0.3), [[0, 1, 2, 3]] * 4)[-1] == pytest.approx(0.3)
 
 
+def test_fgrpo_max_tilt_holds_a_liar_near_its_data_share_below_the_cap():
+    """max_tilt = 1.5: the liar (10 of 100 examples) gets at most 1.5× its prior against the flat others."""
+    weights = liar_weights(FGRPO(max_tilt=1.5), [[0, 1, 2, 3]] * 4)
+    # Tilts in [1/1.5, 1.5]: at most 1.5·0.1 / (1.5·0.1 + 0.9/1.5) = 0.2 whatever the others report; "auto" alone: 0.375.
+    assert all(w <= 0.2 for w in weights[1:])
+    assert weights[1:] == pytest.approx([1.5 * 0.1 / (1.5 * 0.1 + 0.9)] * 3, abs=0.005)  # the others' gains are ≈ 0
+    assert FGRPO(max_tilt="off").max_tilt is None
+    with pytest.raises(ConfigError, match="max_tilt"):
+        FGRPO(max_tilt=0.9)
+
+
 def test_fgrpo_default_with_two_clients_is_equal_weights():
     """K = 2: a cap below ½ is infeasible, so "auto" gives ½ each: FGRPO reduces to equal (not n_k) weights."""
     s = FGRPO()

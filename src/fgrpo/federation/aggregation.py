@@ -172,6 +172,7 @@ def aggregation_weights(
     w_min: float = 0.0,
     w_max: float | str = 1.0,
     size_prior: bool = True,
+    max_tilt: float | None = None,
 ) -> np.ndarray:
     """FGRPO weights w_k ∝ p_k · exp(g_k / τ), bounded to [w_min, w_max], Σ w = 1.
 
@@ -187,6 +188,10 @@ def aggregation_weights(
       K·w_min > 1) the effective bounds are max(w_max, 1/K) and min(w_min, 1/K).
     - Non-finite gains: NaN counts as 0 (no evidence of progress), ±inf as
       ±MAX_GAIN, so the weights stay finite and sum to 1.
+    - max_tilt = c ≥ 1 (None: no bound) bounds each tilt exp(g_k/τ) to [1/c, c]:
+      whatever gain a client reports, its weight relative to its prior moves by
+      at most c² against any other client's. Why: a liar's fake gain otherwise
+      buys the whole cap w_max, however small its data share.
     """
     gains = np.asarray(gains, dtype=np.float64).reshape(-1)  # (K,)
     num_examples = np.asarray(num_examples, dtype=np.float64).reshape(-1)  # (K,)
@@ -199,6 +204,8 @@ def aggregation_weights(
         raise ValueError(f"aggregation_weights: num_examples must be finite and >= 0, got {num_examples.tolist()}")
     if not temperature > 0:
         raise ValueError(f"aggregation_weights: temperature must be > 0, got {temperature}")
+    if max_tilt is not None and not (math.isfinite(max_tilt) and max_tilt >= 1):
+        raise ValueError(f"aggregation_weights: max_tilt must be a finite number >= 1, got {max_tilt}")
     lo, hi = min(w_min, 1.0 / k), max(weight_cap(w_max, k), 1.0 / k)
 
     prior = _prior(num_examples, size_prior)  # (K,)
@@ -208,6 +215,8 @@ def aggregation_weights(
         else:
             gains = np.nan_to_num(gains, nan=0.0, posinf=MAX_GAIN, neginf=-MAX_GAIN)
             scaled = np.clip(gains / temperature, -_LOGIT_LIMIT, _LOGIT_LIMIT)
+            if max_tilt is not None:
+                scaled = np.clip(scaled, -math.log(max_tilt), math.log(max_tilt))  # tilt in [1/c, c]
         logits = np.clip(np.log(prior) + scaled, -_LOGIT_LIMIT, _LOGIT_LIMIT)  # (K,)
     if math.isinf(temperature):
         weights = prior  # exactly FedAvg's n_k / Σn, no exp/log round trip

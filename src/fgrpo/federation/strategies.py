@@ -231,6 +231,8 @@ class FGRPO(WeightedAverage):
         K = 2 both weights are ½: FGRPO reduces to equal weights (not n_k-sized
         ones), the price of a cap below a majority. A number overrides it.
     size_prior : p_k = n_k/Σn (True) or uniform (False).
+    max_tilt : c ≥ 1 bounds each client's tilt exp(g_k/τ) to [1/c, c] (None: unbounded), so a
+        reported gain alone cannot lift a small owner to the cap.
     server_lr : η of θ ← θ + η Σ w_k Δ_k.
 
     Gains are computed against the state *before* this round; then baselines and
@@ -250,6 +252,7 @@ class FGRPO(WeightedAverage):
         size_prior: bool = True,
         server_lr: float = 1.0,
         shrink: bool = False,
+        max_tilt: float | str | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(server_lr=server_lr, **fedavg_kwargs)
@@ -269,6 +272,11 @@ class FGRPO(WeightedAverage):
             raise ConfigError(
                 f"FGRPO: need 0 <= w_min <= w_max <= 1 and w_max > 0 (or w_max = 'auto'), got w_min={w_min}, w_max={w_max!r}"
             )
+        if max_tilt == "off":
+            max_tilt = None
+        if max_tilt is not None and not (isinstance(max_tilt, (int, float)) and math.isfinite(max_tilt) and max_tilt >= 1):
+            raise ConfigError(f"FGRPO: max_tilt must be a number >= 1 or 'off', got {max_tilt!r}")
+        self.max_tilt = None if max_tilt is None else float(max_tilt)
         self.gain = gain
         self.temperature = float(temperature)
         self.baseline_decay = float(baseline_decay)
@@ -320,6 +328,7 @@ class FGRPO(WeightedAverage):
             w_min=self.w_min,
             w_max=self.w_max,
             size_prior=self.size_prior,
+            max_tilt=self.max_tilt,
         )
         return gains, weights
 
