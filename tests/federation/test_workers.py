@@ -56,3 +56,48 @@ def test_a_worker_runs_with_the_thread_budget_it_was_given(monkeypatch):
 def test_a_pool_needs_at_least_one_worker_and_thread():
     with pytest.raises(ValueError, match="workers >= 1"):
         WorkerPool(0, 1)
+
+
+OWNER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from worker_apps import square_or_die
+from fgrpo.federation.workers import WorkerPool
+
+pool = WorkerPool(2, 1).__enter__()
+pids = {pid for _, pid in pool.run(square_or_die, [1, 2, 3, 4])}
+print(" ".join(map(str, sorted(pids))), flush=True)
+time.sleep(600)  # killed by the test long before
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_workers_exit_when_the_owner_is_killed_without_shutting_the_pool_down(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        workers = [int(pid) for pid in owner.stdout.readline().split()]
+        assert workers and all(alive(pid) for pid in workers)
+    finally:
+        owner.send_signal(signal.SIGKILL)  # as `kill -9 PID`: only the owner gets it
+        owner.wait()
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers), "orphaned workers kept running"
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -15,6 +15,11 @@ again alone (even a lone one: an idle worker may have been the one killed): exac
 dies on its own is reported as `WORKER_DIED`, and the others get the result
 they would have had (the calls must therefore be repeatable, as seeded client
 rounds are). The next batch runs on the fresh pool.
+
+A worker also ends when the process that owns the pool dies without shutting
+it down (killed by a signal that reaches only that process, e.g. `kill PID` or a
+scheduler's SIGKILL): otherwise its workers would keep computing, orphaned, and
+steal the cores of whatever runs next (`exit_with_parent`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -38,6 +45,24 @@ class _WorkerDied:
 WORKER_DIED = _WorkerDied()
 
 
+def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
+    """Watch, on a daemon thread, for the owner's death (this process re-parented) and then exit at once.
+
+    Polling `os.getppid()` works on every POSIX system (Linux's PR_SET_PDEATHSIG would not on macOS) and costs
+    one system call every `interval_s` seconds.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="fgrpo-exit-with-parent", daemon=True)
+    watcher.start()
+    return watcher
+
+
 def start_worker(threads: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
     """Runs first in every worker: its thread budget, then the caller's initializer.
 
@@ -48,6 +73,7 @@ def start_worker(threads: int, initializer: Callable[..., None] | None, initargs
     """
     from fgrpo.core.threads import apply_threads, thread_env
 
+    exit_with_parent(os.getppid())
     os.environ.update(thread_env(threads))
     if "torch" in sys.modules:
         apply_threads(threads)
