@@ -86,6 +86,17 @@ def test_an_unwritable_cache_still_partitions(tmp_path, monkeypatch):
     assert cached_partition(LABELS, "iid", 3, 1) == partition_module.partition(LABELS, "iid", 3, 1)
 
 
+def test_a_write_that_fails_midway_leaves_no_staging_file(cache, tmp_path, monkeypatch):
+    import fgrpo.data.partition_cache as partition_cache
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(partition_cache.json, "dump", disk_full)
+    assert cached_partition(LABELS, "iid", 3, 1) == partition_module.partition(LABELS, "iid", 3, 1)
+    assert list((tmp_path / "partitions").iterdir()) == []  # neither a cache file nor a .partition-* leftover
+
+
 def test_a_fresh_process_reading_the_cache_imports_neither_flwr_datasets_nor_datasets(cache, tmp_path):
     cached_partition(LABELS, "dirichlet", 4, 7, alpha=0.5)
     script = (

@@ -16,6 +16,7 @@ a damaged or planted cache can cost time, never a wrong split or code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,14 +33,22 @@ from fgrpo.data import partition as partition_module
 FORMAT_VERSION = 1
 
 
-def partition_key(labels: Sequence[str], scheme: str, num_clients: int, seed: int, options: dict[str, Any]) -> str:
-    """SHA-256 of everything the indices depend on, the partition code and its libraries' versions included."""
+@functools.cache
+def code_fingerprint() -> dict[str, str]:
+    """The partition code's SHA-256 and its libraries' versions: read once per process, not once per split."""
     code = Path(partition_module.__file__).read_bytes()
-    spec = {
-        "format": FORMAT_VERSION,
+    return {
         "code": hashlib.sha256(code).hexdigest(),
         "flwr-datasets": metadata.version("flwr-datasets"),
         "numpy": metadata.version("numpy"),
+    }
+
+
+def partition_key(labels: Sequence[str], scheme: str, num_clients: int, seed: int, options: dict[str, Any]) -> str:
+    """SHA-256 of everything the indices depend on, the partition code and its libraries' versions included."""
+    spec = {
+        "format": FORMAT_VERSION,
+        **code_fingerprint(),
         "labels": list(labels),
         "scheme": scheme,
         "num_clients": num_clients,
@@ -78,11 +87,14 @@ def write_cached(path: Path, parts: list[list[int]]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, staging = tempfile.mkstemp(prefix=".partition-", dir=path.parent)
+    except OSError:
+        return
+    try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             json.dump(parts, file)
         os.replace(staging, path)
     except OSError:
-        pass
+        Path(staging).unlink(missing_ok=True)  # a full disk must not leave half-written staging files behind
 
 
 def cached_partition(
