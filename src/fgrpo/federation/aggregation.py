@@ -214,9 +214,8 @@ def aggregation_weights(
             scaled = np.zeros(k)
         else:
             gains = np.nan_to_num(gains, nan=0.0, posinf=MAX_GAIN, neginf=-MAX_GAIN)
-            scaled = np.clip(gains / temperature, -_LOGIT_LIMIT, _LOGIT_LIMIT)
-            if max_tilt is not None:
-                scaled = np.clip(scaled, -math.log(max_tilt), math.log(max_tilt))  # tilt in [1/c, c]
+            limit = _LOGIT_LIMIT if max_tilt is None else min(_LOGIT_LIMIT, math.log(max_tilt))  # tilt in [1/c, c]
+            scaled = np.clip(gains / temperature, -limit, limit)
         logits = np.clip(np.log(prior) + scaled, -_LOGIT_LIMIT, _LOGIT_LIMIT)  # (K,)
     if math.isinf(temperature):
         weights = prior  # exactly FedAvg's n_k / Σn, no exp/log round trip
