@@ -6,9 +6,9 @@
 Runs the shipped quickstart scenario (`fgrpo quickstart`'s) for every method,
 seed, setting and case, one run at a time, in OUT/<setting>/<case>/<method>/seed<k>/:
 - settings: "defaults" changes no defence (norm_clip 1.5 × the round's
-  lower-median norm, FGRPO's w_max = "auto"); "previous" is what the defaults
-  were before issue 16: no norm clipping, and FGRPO's w_max = 0.7 as the old
-  quickstart had (FedAvg: no clipping);
+  lower-median norm, FGRPO's w_max = "auto" and its max_tilt); "previous" is what
+  the defaults were before issue 16: no norm clipping, FGRPO's w_max = 0.7 as the
+  old quickstart had and no max_tilt (FedAvg: no clipping);
 - cases: "honest" (every owner tells the truth) and "attacked" (owner 0 lies:
   it reports reward-mean = 10^round, a fake, ever-growing gain, and sends
   θ_t + 20·(θ_k − θ_t); `federation.attack`).
@@ -44,7 +44,7 @@ LIAR = 0
 ATTACK = {"federation": {"attack": {"clients": [LIAR], "reward_growth": 10.0, "update_scale": 20.0}}}
 SETTINGS = {
     "defaults": {},
-    "previous": {"federation": {"defense": {"norm_clip": "off"}, "fgrpo": {"w_max": 0.7}}},
+    "previous": {"federation": {"defense": {"norm_clip": "off"}, "fgrpo": {"w_max": 0.7, "max_tilt": "off"}}},
 }
 CASES = {"honest": {}, "attacked": ATTACK}
 
