@@ -224,8 +224,9 @@ def test_runtime_counts_are_auto_or_whole_numbers_also_from_command_line_text():
     assert (Config().runtime.workers, Config().runtime.threads) == ("auto", "auto")
 
 
-def test_fgrpo_max_tilt_is_off_by_default_a_number_at_least_one_or_refused_naming_its_key():
-    assert config_from_dict({}).federation.fgrpo.max_tilt == "off"
+def test_fgrpo_max_tilt_is_1_25_by_default_off_a_number_at_least_one_or_refused_naming_its_key():
+    assert config_from_dict({}).federation.fgrpo.max_tilt == 1.25
+    assert config_from_dict({"federation": {"fgrpo": {"max_tilt": "off"}}}).federation.fgrpo.max_tilt == "off"
     assert config_from_dict({"federation": {"fgrpo": {"max_tilt": 1.5}}}).federation.fgrpo.max_tilt == 1.5
     for bad in (0.5, "inf", "big"):
         with pytest.raises(ConfigError, match="max_tilt"):

@@ -309,6 +309,11 @@ def _number_or_keyword(value: Any, handler: Any, keyword: str, number: str) -> A
         raise ValueError(f"expected {number} or {keyword!r}") from None
 
 
+# FGRPO's default bound on each client's tilt exp(g/τ): chosen in issue 16 so that one liar's weight stays
+# within the range of its honest weights (docs/robustness.md has the measurement). Shared with the strategy.
+DEFAULT_MAX_TILT = 1.25
+
+
 class FGRPOOptions(Section):
     gain: Literal["relative", "zscore", "standard_error", "in_round"] = Field(
         "relative",
@@ -328,9 +333,10 @@ class FGRPOOptions(Section):
     )
     size_prior: bool = Field(True, description="Prior p_k = n_k/Σn (true) or uniform (false).")
     max_tilt: Annotated[float, Field(ge=1, allow_inf_nan=False)] | Literal["off"] = Field(
-        "off",
+        DEFAULT_MAX_TILT,
         description="c ≥ 1: each client's tilt exp(g/τ) is bounded to [1/c, c], so a reported gain alone cannot lift "
-        "a small owner to the cap w_max; 'off': unbounded (the paper's).",
+        "a small owner to the cap w_max (default 1.25: measured against one liar in docs/robustness.md); 'off': "
+        "unbounded (the paper's).",
     )
     server_lr: float = Field(1.0, ge=0, description="η_server of θ ← θ + η Σ w_k Δ_k.")
 

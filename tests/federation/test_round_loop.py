@@ -122,8 +122,10 @@ def test_the_default_config_caps_and_clips_one_liar_without_any_defence_configur
 
 
 def test_previous_defaults_let_the_liar_take_the_round(loop):
-    """The same liar with clipping off and w_max = 1 (the defaults before issue 16) takes nearly all the weight."""
-    server = loop(liar=3, method="fgrpo", num_clients=4, rounds=3, defense={"norm_clip": "off"}, fgrpo={"w_max": 1.0})
+    """The same liar with clipping off, w_max = 1 and no max_tilt (before issue 16) takes nearly all the weight."""
+    server = loop(
+        liar=3, method="fgrpo", num_clients=4, rounds=3, defense={"norm_clip": "off"}, fgrpo={"w_max": 1.0, "max_tilt": "off"}
+    )
     last = liar_rounds(server, 3)[-1]
     assert last[3][1] == 1.0 and last[3][2] > 0.99
 

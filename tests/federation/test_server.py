@@ -139,7 +139,7 @@ def attacked_config(tmp_path, name, defended: bool | None):
     if defended:
         fed.update(defense={"norm_clip": 3.0, "robust": "median"}, fgrpo={"w_max": 0.45})
     elif defended is False:
-        fed.update(defense={"norm_clip": "off"}, fgrpo={"w_max": 1.0})
+        fed.update(defense={"norm_clip": "off"}, fgrpo={"w_max": 1.0, "max_tilt": "off"})
     return config_from_dict({**data, "federation": fed})
 
 
@@ -162,8 +162,8 @@ def test_attacker_wins_weight_without_defences_and_is_bounded_with_them_and_by_d
     assert guarded2[0]["agg/weight"] <= 0.45 + 1e-9
     assert guarded2[0]["defense/clip_factor"] < 0.2
     assert all("defense/clip_factor" not in r for cid, r in guarded2.items() if cid != 0)
-    # With no defence configured at all (the defaults), the same liar is capped at ½ (K = 3) and its
-    # 50× update is scaled to 1.5× the round's lower-median norm, in every round.
+    # With no defence configured at all (the defaults), the same liar is capped at ½ (K = 3), its tilt at
+    # 1.25 (max_tilt), and its 50× update is scaled to 1.5× the round's lower-median norm, in every round.
     for rnd in (1, 2):
         defaults = {r["client"]: r for r in records(tmp_path / "default" / "run", "client") if r["round"] == rnd and "agg/weight" in r}
         assert defaults[0]["agg/weight"] <= 0.5 + 1e-9

@@ -354,8 +354,8 @@ def as_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def test_fgrpo_three_rounds_tracks_baselines_of_participants_only():
-    # w_max = 1: this checks the uncapped formula (the default "auto" cap has its own tests).
-    s = FGRPO(gain="relative", temperature=1.0, baseline_decay=0.5, delta=1e-3, w_max=1.0, min_available_nodes=3)
+    # w_max = 1, max_tilt off: this checks the paper's unbounded formula (the default bounds have their own tests).
+    s = FGRPO(gain="relative", temperature=1.0, baseline_decay=0.5, delta=1e-3, w_max=1.0, max_tilt="off", min_available_nodes=3)
     sizes = {0: 10, 1: 30, 2: 20}
     # round 1: clients 0 and 1, first participation -> gains 0, weights = sizes 10:30
     out, metrics = run_round(s, 1, THETA, [reply(0, client_theta(0, 1), 10, 2.0), reply(1, client_theta(1, 1), 30, 0.5)])
@@ -598,13 +598,20 @@ def liar_weights(strategy, rounds):
     return weights
 
 
-def test_fgrpo_default_caps_a_liar_at_one_and_a_half_equal_shares():
-    assert FGRPO().w_max == "auto"
-    capped = liar_weights(FGRPO(), [[0, 1, 2, 3]] * 4)
-    assert capped[0] < 0.375 and capped[1:] == pytest.approx([0.375] * 3)  # gain 0 at first sight, then 1.5/4
-    uncapped = liar_weights(FGRPO(w_max=1.0), [[0, 1, 2, 3]] * 4)  # the override still works
+def test_fgrpo_default_holds_a_liar_to_a_tilt_of_1_25_and_the_cap_to_one_and_a_half_equal_shares():
+    """The liar holds 10 of 100 examples and reports 10^round; the others a flat 0.5 (gain ≈ 0, tilt ≈ 1)."""
+    assert FGRPO().w_max == "auto" and FGRPO().max_tilt == 1.25
+    default = liar_weights(FGRPO(), [[0, 1, 2, 3]] * 4)
+    # Round 1, gain 0 at first sight: its data share, 0.1, raised to 0.1/0.96 by the cap that holds the
+    # 40-example owner to 0.375. Then its tilt is 1.25 whatever it reports: 0.125/1.025, and again the
+    # 40-example owner's excess over 0.375 is shared out, giving exactly 0.125 (the cap alone gave it 0.375).
+    assert default[0] == pytest.approx(0.1 / 0.96)
+    assert default[1:] == pytest.approx([0.125] * 3)
+    capped = liar_weights(FGRPO(max_tilt="off"), [[0, 1, 2, 3]] * 4)  # the cap alone: 1.5/4
+    assert capped[1:] == pytest.approx([0.375] * 3)
+    uncapped = liar_weights(FGRPO(w_max=1.0, max_tilt="off"), [[0, 1, 2, 3]] * 4)  # the overrides still work
     assert uncapped[-1] > 0.99
-    assert liar_weights(FGRPO(w_max=0.3), [[0, 1, 2, 3]] * 4)[-1] == pytest.approx(0.3)
+    assert liar_weights(FGRPO(w_max=0.3, max_tilt="off"), [[0, 1, 2, 3]] * 4)[-1] == pytest.approx(0.3)
 
 
 def test_fgrpo_max_tilt_holds_a_liar_near_its_data_share_below_the_cap():
@@ -636,7 +643,10 @@ def test_fgrpo_default_cap_follows_the_clients_of_each_round_under_partial_parti
             assert weight <= max(1 / k, min(0.5, 1.5 / k)) + 1e-12
         else:
             assert weight is None
-    assert weights[2] == pytest.approx(0.5) and weights[3] == pytest.approx(0.5) and weights[5] == pytest.approx(0.375)
+    assert weights[2] == pytest.approx(0.5)  # K = 2: ½ each, whatever it reports
+    assert weights[3] == pytest.approx(0.2)  # K = 3 (10, 20, 30 examples): 1.25 × 1/6 against 5/6, below the cap ½
+    assert weights[5] == pytest.approx(0.125)  # K = 4: max_tilt binds far below the cap 0.375
+    assert liar_weights(FGRPO(max_tilt="off"), rounds)[5] == pytest.approx(0.375)
 
 
 def test_fgrpo_accepts_auto_and_refuses_other_words():

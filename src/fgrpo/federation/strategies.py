@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fgrpo.config import DEFAULT_MAX_TILT
 from fgrpo.errors import ConfigError, FederationError
 from fgrpo.federation.defense import ROBUST_AGGREGATORS, robust_update
 from fgrpo.federation import wire
@@ -231,8 +232,9 @@ class FGRPO(WeightedAverage):
         K = 2 both weights are ½: FGRPO reduces to equal weights (not n_k-sized
         ones), the price of a cap below a majority. A number overrides it.
     size_prior : p_k = n_k/Σn (True) or uniform (False).
-    max_tilt : c ≥ 1 bounds each client's tilt exp(g_k/τ) to [1/c, c] (None: unbounded), so a
-        reported gain alone cannot lift a small owner to the cap.
+    max_tilt : c ≥ 1 bounds each client's tilt exp(g_k/τ) to [1/c, c] (None or "off": unbounded, the
+        paper's), so a reported gain alone cannot lift a small owner to the cap. The default, 1.25,
+        keeps a liar's weight within the range of its honest weights (docs/robustness.md).
     server_lr : η of θ ← θ + η Σ w_k Δ_k.
 
     Gains are computed against the state *before* this round; then baselines and
@@ -252,7 +254,7 @@ class FGRPO(WeightedAverage):
         size_prior: bool = True,
         server_lr: float = 1.0,
         shrink: bool = False,
-        max_tilt: float | str | None = None,
+        max_tilt: float | str | None = DEFAULT_MAX_TILT,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(server_lr=server_lr, **fedavg_kwargs)
