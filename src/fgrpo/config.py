@@ -335,8 +335,8 @@ class FGRPOOptions(Section):
     max_tilt: Annotated[float, Field(ge=1, allow_inf_nan=False)] | Literal["off"] = Field(
         DEFAULT_MAX_TILT,
         description="c ≥ 1: each client's tilt exp(g/τ) is bounded to [1/c, c], so a reported gain alone cannot lift "
-        "a small owner to the cap w_max (default 1.25: measured against one liar in docs/robustness.md); 'off': "
-        "unbounded (the paper's).",
+        f"a small owner to the cap w_max (default {DEFAULT_MAX_TILT}: measured against one liar in docs/robustness.md); "
+        "'off': unbounded (the paper's).",
     )
     server_lr: float = Field(1.0, ge=0, description="η_server of θ ← θ + η Σ w_k Δ_k.")
 
