@@ -71,7 +71,44 @@ def answer_region(text: str) -> str:
     return tagged[-1] if tagged else text
 
 
-def raw_answer(text: str) -> str | None:
+# How a completion states its answer (`Example.answer_style`):
+# - "line": the answer is the completion's first non-empty line ("46"): compact prompts like "12+34=" for
+#   the character-level tiny model;
+# - "sentence": a chat model's verbose reply ("6 + 7 = 13, so Tom has 13 apples. The answer is 13."): the
+#   last stated answer ("the answer is X", "answer: X"), else the last number in the reply.
+ANSWER_STYLES = ("line", "sentence")
+
+# "The answer is 42.", "the final answer is: $42$", "Answer: 42", "**Answer:** 42"; the value runs to the end
+# of its sentence or line. A period followed by a digit is a decimal point, not the end.
+STATED_ANSWER = re.compile(
+    r"answer(?:\s+is)?\s*[:=]?\s*(?:\*\*)?\s*[:=]?\s*([^\n]*?)\s*(?:\.(?!\d)|\n|$)", re.IGNORECASE
+)
+LAST_NUMBER = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
+
+
+def stated_answer(text: str) -> str | None:
+    """The value of the last "the answer is X" / "Answer: X" in `text`, without markdown or $…$; else None."""
+    for match in reversed(list(STATED_ANSWER.finditer(text))):
+        value = match.group(1).strip().strip("*$` ").rstrip(".").strip()
+        if value:
+            return value
+    return None
+
+
+def states_answer(text: str) -> bool:
+    """Whether a reply marks its final answer: <answer>…</answer>, "#### x", \\boxed{x} or "the answer is x"."""
+    region = answer_region(text)
+    return bool(ANSWER_TAG.search(text)) or "####" in region or boxed(region) is not None or stated_answer(region) is not None
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in `text` ("… so 12 + 30 = 42" -> "42"), trailing commas dropped."""
+    numbers = LAST_NUMBER.findall(text)
+    return numbers[-1].rstrip(",") if numbers else None
+
+
+def raw_answer(text: str, style: str = "line") -> str | None:
+    """A completion's final answer as written (see ANSWER_STYLES); None when it gives none."""
     text = answer_region(text)
     if "####" in text:
         after = text.rsplit("####", 1)[1].strip()
@@ -79,6 +116,8 @@ def raw_answer(text: str) -> str | None:
     boxed_answer = boxed(text)
     if boxed_answer is not None:
         return boxed_answer.strip() or None
+    if style == "sentence":
+        return stated_answer(text) or last_number(text)
     for line in text.splitlines():
         if line.strip():
             return line.strip()

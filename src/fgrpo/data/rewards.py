@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fgrpo.errors import ConfigError, RewardError
-from fgrpo.data.answers import answer_column
+from fgrpo.data.answers import answer_column, completion_text, states_answer
 from fgrpo.data.tasks import Example, answer_is_numeric, answer_pattern, extract_answer, is_correct, normalize_answer
 
 RewardFunction = Callable[..., list]
@@ -36,13 +36,20 @@ def _families(kwargs: dict, n: int) -> list:
     return [None] * n if families is None else list(families)
 
 
+def _answer_styles(kwargs: dict, n: int) -> list:
+    """The `answer_style` column, or "line" for each sample when absent (answers.ANSWER_STYLES)."""
+    styles = kwargs.get("answer_style")
+    return ["line"] * n if styles is None else list(styles)
+
+
 def exact_match_reward(prompts, completions, **kwargs) -> list[float]:
     """1.0 when the extracted answer equals the reference (normalized per family), else 0.0."""
     answers = answer_column(kwargs, "exact_match_reward")
     families = _families(kwargs, len(completions))
+    styles = _answer_styles(kwargs, len(completions))
     scores = []
-    for completion, answer, family in zip(completions, answers, families):
-        predicted = extract_answer(completion, family)
+    for completion, answer, family, style in zip(completions, answers, families, styles):
+        predicted = extract_answer(completion, family, style)
         scores.append(float(predicted is not None and predicted == normalize_answer(str(answer), answer_is_numeric(family))))
     return scores
 
@@ -64,10 +71,11 @@ def partial_credit_reward(prompts, completions, **kwargs) -> list[float]:
     """
     answers = answer_column(kwargs, "partial_credit_reward")
     families = _families(kwargs, len(completions))
+    styles = _answer_styles(kwargs, len(completions))
     scores = []
-    for completion, answer, family in zip(completions, answers, families):
+    for completion, answer, family, style in zip(completions, answers, families, styles):
         numeric = answer_is_numeric(family)
-        predicted = extract_answer(completion, family)
+        predicted = extract_answer(completion, family, style)
         scores.append(
             0.0 if predicted is None else _position_matches(predicted, normalize_answer(str(answer), numeric), numeric)
         )
@@ -75,11 +83,19 @@ def partial_credit_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 def format_reward(prompts, completions, **kwargs) -> list[float]:
-    """1.0 when an answer can be extracted and looks like one of its family's answers, else 0.0."""
+    """1.0 when the completion states an answer that looks like one of its family's answers, else 0.0.
+
+    Style "line": the first line is such an answer. Style "sentence" (chat replies): the reply says it in
+    words ("The answer is 46.", or ####, \\boxed, <answer>); a number merely written last does not count.
+    """
     families = _families(kwargs, len(completions))
+    styles = _answer_styles(kwargs, len(completions))
     scores = []
-    for completion, family in zip(completions, families):
-        predicted = extract_answer(completion, family)
+    for completion, family, style in zip(completions, families, styles):
+        if style == "sentence" and not states_answer(completion_text(completion)):
+            scores.append(0.0)
+            continue
+        predicted = extract_answer(completion, family, style)
         scores.append(float(predicted is not None and re.fullmatch(answer_pattern(family), predicted) is not None))
     return scores
 

@@ -19,14 +19,17 @@ A family name that is not built in (a loaded file's label) is numeric.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fgrpo.data.answers import (  # noqa: F401  (answer handling is re-exported here)
+    LAST_NUMBER,
     answer_from_value,
     answer_region,
     boxed,
@@ -52,6 +55,7 @@ class Example:
     family: str  # task label ("add", ...); for loaded files the configured family name
     reward_scale: tuple[float, float] = (0.0, 1.0)  # a score s in [0, 1] maps to low + (high - low) * s
     checker: str = "exact"  # how correctness is judged: "exact" (normalized string) or "math" (math-verify)
+    answer_style: str = "line"  # how completions state the answer: "line" or "sentence" (answers.ANSWER_STYLES)
     # Other columns of a loaded row ("source", "subject", "level", ...): partition labels and reward kwargs.
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -64,7 +68,12 @@ class Example:
 
     def columns(self) -> dict:
         """The dataset columns reward functions receive (as lists) through **kwargs."""
-        return {"answer": self.answer, "family": self.family, "reward_scale": self.reward_scale}
+        return {
+            "answer": self.answer,
+            "family": self.family,
+            "reward_scale": self.reward_scale,
+            "answer_style": self.answer_style,
+        }
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,55 @@ def _reverse(rng: random.Random, d: int) -> tuple[str, str]:
 def _max(rng: random.Random, d: int) -> tuple[str, str]:
     values = [_number(rng, d) for _ in range(3)]
     return f"max {values[0]} {values[1]} {values[2]}=", str(max(values))
+
+
+# --------------------------------------------------------------------------- chat style
+# A chat model answers questions in sentences, not "12+34=" strings: `tasks.prompt_style = "chat"` asks each
+# family's question in words and tells the model how to state its answer, which `answers.raw_answer`
+# (style "sentence") then reads. The compact prompt stays the example's identity for splits and dedup: the
+# chat wording is a one-to-one rewrite of it.
+
+CHAT_INSTRUCTION = "End your reply with 'The answer is N.'"
+_COMPACT = {
+    "add": re.compile(r"(\d+)\+(\d+)="),
+    "sub": re.compile(r"(\d+)-(\d+)="),
+    "mul": re.compile(r"(\d+)\*(\d+)="),
+    "sort": re.compile(r"sort (\d+)="),
+    "count": re.compile(r"count (\d) in (\d+)="),
+    "reverse": re.compile(r"rev (\d+)="),
+    "max": re.compile(r"max (\d+) (\d+) (\d+)="),
+}
+_CHAT_QUESTIONS = {
+    "add": "What is {0} + {1}?",
+    "sub": "What is {0} - {1}?",
+    "mul": "What is {0} times {1}?",
+    "sort": "Write the digits of {0} sorted from smallest to largest.",
+    "count": "How many times does the digit {0} appear in {1}?",
+    "reverse": "Write the digits of {0} in reverse order.",
+    "max": "Which is the largest of {0}, {1} and {2}?",
+}
+
+
+def chat_prompt(family: str, compact: str) -> str:
+    """A built-in family's compact prompt asked in words, with the answer instruction ("12+34=" -> "What is 12 + 34? …")."""
+    match = _COMPACT[family].fullmatch(compact)
+    if match is None:
+        raise ValueError(f"'{compact}' is not a compact '{family}' prompt")
+    return f"{_CHAT_QUESTIONS[family].format(*match.groups())} {CHAT_INSTRUCTION}"
+
+
+def with_prompt_style(examples: Sequence[Example], style: str) -> list[Example]:
+    """Examples for a prompt style: "compact" leaves them; "chat" words built-in prompts and reads answers from sentences."""
+    if style == "compact":
+        return list(examples)
+    return [
+        dataclasses.replace(
+            ex,
+            prompt=chat_prompt(ex.family, ex.prompt) if ex.family in _COMPACT and _COMPACT[ex.family].fullmatch(ex.prompt) else ex.prompt,
+            answer_style="sentence",
+        )
+        for ex in examples
+    ]
 
 
 FAMILIES: dict[str, TaskFamily] = {
@@ -321,17 +379,27 @@ def carve_validation(train: Sequence[Example], per_family: int, seed: int) -> tu
 # --------------------------------------------------------------------------- answers
 
 
-def extract_answer(completion, family: str | None = None) -> str | None:
+def extract_answer(completion, family: str | None = None, style: str = "line") -> str | None:
     """The final answer of a completion, normalized the way `family` compares answers.
 
     Looked for inside the last <answer>...</answer> when present; there,
     taken from after the last "####" if present, else from the last
-    \\boxed{...}, else the first non-empty line. None when there is none
-    (empty completion, nothing after "####", empty box). `family=None` means
-    numeric normalization, as for loaded data.
+    \\boxed{...}, else (style "line") the first non-empty line or (style
+    "sentence", a chat model's reply) the last "the answer is X", else the
+    last number. None when there is none (empty completion, nothing after
+    "####", empty box). `family=None` means numeric normalization, as for
+    loaded data. A numeric answer stated with words around it ("13 apples")
+    is its first number.
     """
-    raw = raw_answer(completion_text(completion))
-    return None if raw is None else normalize_answer(raw, answer_is_numeric(family))
+    raw = raw_answer(completion_text(completion), style)
+    if raw is None:
+        return None
+    numeric = answer_is_numeric(family)
+    answer = normalize_answer(raw, numeric)
+    if style == "sentence" and numeric and not re.fullmatch(LOADED_ANSWER_PATTERN, answer):
+        number = LAST_NUMBER.search(raw)
+        answer = normalize_answer(number.group(0).rstrip(","), numeric) if number else answer
+    return answer
 
 
 def is_correct(example: Example, completion) -> bool:
@@ -339,7 +407,7 @@ def is_correct(example: Example, completion) -> bool:
         from fgrpo.data.mathcheck import math_answer_correct
 
         return math_answer_correct(example.answer, completion)
-    predicted = extract_answer(completion, example.family)
+    predicted = extract_answer(completion, example.family, example.answer_style)
     return predicted is not None and predicted == normalize_answer(example.answer, answer_is_numeric(example.family))
 
 
