@@ -107,10 +107,7 @@ def check_tls_folder(folder: Path) -> None:
         raise ConfigError(f"--tls '{folder}' is not a folder; make one with `fgrpo flower certs {folder}`")
     missing = [name for name in ("ca.crt", "server.pem", "server.key") if not (Path(folder) / name).is_file()]
     if missing:
-        raise ConfigError(
-            f"--tls '{folder}' lacks {', '.join(missing)}; it needs ca.crt, server.pem and server.key "
-            f"(`fgrpo flower certs {folder}`)"
-        )
+        raise ConfigError(f"--tls '{folder}' lacks {', '.join(missing)} (make them with `fgrpo flower certs {folder}`)")
 
 
 def format_node_config(node_config: Mapping[str, Any]) -> str:
