@@ -132,8 +132,10 @@ def write_files(folder: Path, contents: dict[str, bytes], *, overwrite: bool, wh
         for name, data in contents.items():
             path = folder / name
             tmp = folder / f".{name}.fgrpo-tmp"
-            # a private key is never readable by others, not even for the instant before chmod
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if name in private else 0o644)
+            if os.path.lexists(tmp):  # fgrpo's own leftover from an interrupted write (never followed if a link)
+                tmp.unlink()
+            # created anew (O_EXCL): a private key is never readable by others, not even for an instant
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if name in private else 0o644)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
