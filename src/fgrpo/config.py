@@ -104,7 +104,6 @@ class LoraConfig(Section):
         "or 'auto' (the preset of the model's architecture).",
     )
 
-
     @model_validator(mode="after")
     def _scale(self) -> "LoraConfig":
         if self.alpha / self.rank > MAX_LORA_SCALE:
