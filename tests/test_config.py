@@ -231,3 +231,61 @@ def test_fgrpo_max_tilt_is_1_25_by_default_off_a_number_at_least_one_or_refused_
     for bad in (0.5, "inf", "big"):
         with pytest.raises(ConfigError, match="max_tilt"):
             config_from_dict({"federation": {"fgrpo": {"max_tilt": bad}}})
+
+
+# ------------------------------------------------------------------ silently accepted before (issue 24)
+
+
+@pytest.mark.parametrize(
+    "data, key, message",
+    [
+        ({"federation": {"rounds": True}}, "federation.rounds", "not true/false"),
+        ({"grpo": {"learning_rate": True}}, "grpo.learning_rate", "not true/false"),
+        ({"federation": {"fgrpo": {"temperature": False}}}, "federation.fgrpo.temperature", "not true/false"),
+        ({"tasks": {"families": [{"name": "add", "reward_scale": [False, True]}]}}, "reward_scale", "not true/false"),
+        ({"federation": {"rounds": 2**70}}, "federation.rounds", "64 bits"),
+        ({"training": {"steps": 2**64}}, "training.steps", "64 bits"),
+        ({"federation": {"rounds": 10**7}}, "federation.rounds", "less than or equal to 1000000"),
+        ({"tasks": {"train_per_family": 10, "validation_per_family": 11}}, "validation_per_family = 11", "at most 5"),
+        ({"tasks": {"rewards": [{"name": "exact_match", "weight": 0}]}}, "tasks.rewards", "every reward function has weight 0"),
+        ({"federation": {"clients": [{"families": [{"name": "add"}], "rewards": [{"name": "format", "weight": 0.0}]}]}},
+         "federation.clients[0].rewards", "weight 0"),
+        ({"model": {"lora": {"rank": 4, "alpha": 1e9}}}, "model.lora.alpha / model.lora.rank", "beyond 256"),
+        ({"grpo": {"learning_rate": 1e6}}, "grpo.learning_rate", "less than or equal to 1"),
+    ],
+)
+def test_values_that_ran_silently_are_refused_by_key(data, key, message):
+    with pytest.raises(ConfigError, match=f"{re.escape(key)}.*{message}"):
+        config_from_dict(data)
+
+
+def test_plain_values_still_pass():
+    config = config_from_dict({"federation": {"rounds": 3}, "model": {"lora": {"rank": 4, "alpha": 16}},
+                               "tasks": {"train_per_family": 10, "validation_per_family": 5,
+                                         "rewards": [{"name": "exact_match"}, {"name": "format", "weight": 0}]}})
+    assert config.federation.rounds == 3 and config.tasks.validation_per_family == 5
+    assert config.model.lora.enabled is True
+
+
+def test_the_default_validation_share_shrinks_to_fit_a_small_pool_and_round_trips(tmp_path):
+    config = config_from_dict({"tasks": {"train_per_family": 40}})
+    assert config.tasks.validation_per_family == 20  # what carve_validation takes (at most half), said in the config
+    assert config_from_dict({}).tasks.validation_per_family == 100
+    assert load_config(write(tmp_path, dump_config(config))) == config
+
+
+def test_a_config_of_comments_only_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"sets nothing \(it holds only comments\).*'\[federation\]'"):
+        load_config(write(tmp_path, "# [federation]\n# rounds = 3\n"))
+    assert load_config(write(tmp_path, "[federation]\n")).federation.rounds == Config().federation.rounds
+
+
+def test_dev_null_and_a_fifo_are_named_for_what_they_are(tmp_path):
+    import os
+
+    with pytest.raises(ConfigError, match="'/dev/null' is a character device, not a regular file"):
+        load_config("/dev/null")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is a FIFO, not a regular file"):  # and is not read: that would block
+        load_config(fifo)

@@ -24,9 +24,15 @@ def test_tuned_values_apply_only_to_their_method():
     config = config_from_dict({"tuned": {"fgrpo": {"values": {"grpo.learning_rate": 0.0042}, "trials": 3, "seeds": [0]}}})
     assert apply_tuned(config, "fgrpo").grpo.learning_rate == 0.0042
     assert apply_tuned(config, "fedavg").grpo.learning_rate == config.grpo.learning_rate
-    broken = config_from_dict({"tuned": {"fedavg": {"values": {"grpo.learnin_rate": 0.1}}}})
-    with pytest.raises(ConfigError, match=r"(?s)\[tuned.fedavg\].*learnin_rate"):
-        apply_tuned(broken, "fedavg")
+    # a misspelt key is refused when the config is read, not only when (or if) its method runs
+    with pytest.raises(ConfigError, match=r"\[tuned.fedavg\] values: 'grpo.learnin_rate' is not a numeric config key"):
+        config_from_dict({"tuned": {"fedavg": {"values": {"grpo.learnin_rate": 0.1}}}})
+    for key in ("grpo", "grpo.loss_type", "tasks.rewards", "federation.clients.size"):  # a section, a word, a list
+        with pytest.raises(ConfigError, match="not a numeric config key"):
+            config_from_dict({"tuned": {"fedavg": {"values": {key: 0.1}}}})
+    out_of_range = config_from_dict({"tuned": {"fedavg": {"values": {"grpo.learning_rate": 5.0}}}})
+    with pytest.raises(ConfigError, match=r"(?s)\[tuned.fedavg\].*grpo.learning_rate"):
+        apply_tuned(out_of_range, "fedavg")
     with pytest.raises(ConfigError, match="unknown method"):
         config_from_dict({"tuned": {"fedbanana": {}}})
 

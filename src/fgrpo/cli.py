@@ -48,8 +48,20 @@ def friendly_errors(command):
             # one line, never wrapped; escaped, so a key like [[tasks.files]] is printed, not read as markup
             console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as exc:
+            # The last net: the file system refused (no permission, a file where a folder should be, a full disk).
+            # Commands check their paths first; whatever slips through is still one line naming the path.
+            console.print(f"[bold red]error:[/] {escape(os_error_text(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def os_error_text(exc: OSError) -> str:
+    """'PATH: Permission denied' (both paths of a rename), or the error's own text when it names no path."""
+    paths = [f"'{name}'" for name in (exc.filename, exc.filename2) if name is not None]
+    reason = exc.strerror or str(exc)
+    return f"{' → '.join(paths)}: {reason}" if paths else reason
 
 
 def _load(config: Path, set_values: list[str] | None, output: Optional[Path], runtime: dict | None = None):
@@ -65,6 +77,7 @@ def _load(config: Path, set_values: list[str] | None, output: Optional[Path], ru
     return load_config(config, overrides)
 
 
+OVERWRITE_FILES_HELP = "Replace files fgrpo wrote there before (never files it did not write)."
 SET_HELP = "Override a config value, e.g. --set grpo.beta=0.04 (repeatable)."
 WORKERS_HELP = (
     "Worker processes that run a round's clients at once (runtime.workers): 'auto' = min(cores, clients), "
@@ -238,11 +251,14 @@ def report(
     run_dir: Path = typer.Argument(..., help="A results directory of `run`, `train` or `compare`."),
     target: Optional[float] = typer.Option(None, help="Target accuracy in [0, 1] for rounds-to-target."),
     out_dir: Optional[Path] = typer.Option(None, help="Where to write the report (default RUN_DIR/report)."),
+    overwrite: bool = typer.Option(
+        False, help="Replace a report fgrpo wrote in --out-dir (never other files; RUN_DIR/report is always regenerated)."
+    ),
 ):
     """Write a Markdown + HTML report with plots and a comparison table."""
     from fgrpo.reporting.report import write_report
 
-    path = write_report(run_dir, target=target, out_dir=out_dir)
+    path = write_report(run_dir, target=target, out_dir=out_dir, overwrite=overwrite)
     console.print(f"report written to {path} (and {path.with_suffix('.html').name})")
 
 
@@ -253,11 +269,12 @@ def merge(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the merged model."),
     base: Optional[str] = typer.Option(None, help="Base model folder or hub id (default: from adapter_config.json)."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_FILES_HELP),
 ):
     """Merge a trained LoRA adapter into its base model: a plain checkpoint for serving."""
     from fgrpo.core.model import merge_adapter
 
-    path = merge_adapter(adapter, out, base=base, dtype=dtype)
+    path = merge_adapter(adapter, out, base=base, dtype=dtype, overwrite=overwrite)
     console.print(f"merged model written to {path}")
 
 
@@ -280,7 +297,7 @@ def flower_commands(
         None, "--data", help="One private JSONL file per SuperNode (repeat); default: node i holds partition i."
     ),
     host: str = typer.Option("127.0.0.1", help="Address the SuperLink listens on (its machine's address in a real deployment)."),
-    port: int = typer.Option(9093, help="SuperLink port (Fleet, Control and Runtime APIs share it in flwr 1.42)."),
+    port: int = typer.Option(9093, min=1, max=65535, help="SuperLink port (Fleet, Control and Runtime APIs share it in flwr 1.42)."),
     tls: Optional[Path] = typer.Option(None, help="Folder with ca.crt, server.pem, server.key (`fgrpo flower certs`)."),
     auth: Optional[Path] = typer.Option(None, help="Folder with supernode<i>[.pub] keys (`fgrpo flower keys`); needs --tls."),
     app_dir: Path = typer.Option(Path("."), "--app", help="The Flower App folder (this repository's root)."),
@@ -290,12 +307,18 @@ def flower_commands(
 
     from fgrpo.deploy import flower as deploy
 
+    host = deploy.check_host(host)
     cfg = _load(config, None, None)
     n = 1 if cfg.federation.method == "centralized" else cfg.federation.num_clients
     if data and len(data) != n:
         raise ConfigError(f"--data: got {len(data)} files for {n} clients (federation.num_clients)")
+    deploy.check_files(data or [], "--data")
+    if tls is not None:
+        deploy.check_tls_folder(tls)
+    if auth is not None:
+        deploy.check_files([auth / f"supernode{i}.pub" for i in range(n)], "--auth (make them with `fgrpo flower keys`)")
     certs = deploy.TLSFiles(tls / "ca.crt", tls / "server.pem", tls / "server.key") if tls else None
-    address = f"{host}:{port}"
+    address = deploy.join_address(host, port)
     run_config = output.parent / f"{output.name}-run-config.toml"
 
     def line(command: list[str]) -> str:
@@ -376,11 +399,13 @@ def flower_connection(
 def flower_certs(
     out_dir: Path = typer.Argument(Path("certificates"), help="Folder for ca.crt, server.pem, server.key."),
     host: Optional[list[str]] = typer.Option(None, "--host", help="SuperLink IP or DNS name for the certificate (repeat)."),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_FILES_HELP),
 ):
     """Self-signed CA + SuperLink certificate (for tests and private networks; use your own PKI in production)."""
     from fgrpo.deploy.flower import generate_tls_certificates
 
-    files = generate_tls_certificates(out_dir, tuple(host) if host else ("127.0.0.1", "localhost"))
+    hosts = tuple(host) if host else ("127.0.0.1", "localhost")
+    files = generate_tls_certificates(out_dir, hosts, overwrite=overwrite)
     console.print(f"wrote {files.ca_cert}, {files.server_cert}, {files.server_key}")
 
 
@@ -388,12 +413,13 @@ def flower_certs(
 @friendly_errors
 def flower_keys(
     out_dir: Path = typer.Argument(Path("keys"), help="Folder for supernode<i> / supernode<i>.pub."),
-    count: int = typer.Option(2, "--count", "-n", min=1, help="Number of SuperNodes."),
+    count: int = typer.Option(2, "--count", "-n", min=1, max=100_000, help="Number of SuperNodes."),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_FILES_HELP),
 ):
     """ECDSA P-384 key pairs for SuperNode authentication (as `ssh-keygen -t ecdsa -b 384`)."""
     from fgrpo.deploy.flower import generate_supernode_keys
 
-    pairs = generate_supernode_keys(out_dir, count)
+    pairs = generate_supernode_keys(out_dir, count, overwrite=overwrite)
     console.print(f"wrote {len(pairs)} key pairs in {out_dir}")
 
 

@@ -11,10 +11,21 @@ from __future__ import annotations
 import difflib
 import math
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fgrpo.errors import ConfigError
 from fgrpo.registry import METHODS, MIXED_RANK_METHODS, PERSONAL_METHODS
@@ -26,6 +37,23 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+MAX_INT = 2**63 - 1  # TOML's integers are 64-bit; Python's tomllib reads larger ones, numpy and torch do not
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """True for a field that takes numbers but not true/false (int, float, Optional[float], tuple[float, float] ...)."""
+    if annotation is bool or annotation is Any:
+        return False
+    if annotation in (int, float):
+        return True
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal or not args:
+        return False
+    if typing.get_origin(annotation) is Annotated:
+        return _numeric_only(args[0])
+    return all(_numeric_only(a) for a in args)
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
@@ -33,9 +61,24 @@ class Section(BaseModel):
     # except where a field says otherwise (FGRPO's τ = inf is FedAvg).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads `rounds = true` as 1 and keeps 2**70; neither is what the user meant."""
+        field = cls.model_fields.get(info.field_name or "")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in items) and field is not None and _numeric_only(field.annotation):
+            raise ValueError("must be a number, not true/false")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise ValueError("does not fit in 64 bits (TOML integers are at most 2**63 - 1)")
+        return value
+
 
 MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit
 MAX_REWARD_MAGNITUDE = 1e6  # beyond this, advantages and logits overflow float32 arithmetic
+MAX_LORA_SCALE = 256  # alpha / rank; common values are 1-4
+MAX_LEARNING_RATE = 1.0  # an AdamW step moves each weight by about lr: beyond 1, by more than a weight's own size
+MAX_ROUNDS = 1_000_000
 
 
 def check_reward_scale(value: tuple[float, float]) -> tuple[float, float]:
@@ -53,13 +96,24 @@ RewardScale = Annotated[tuple[float, float], AfterValidator(check_reward_scale)]
 class LoraConfig(Section):
     enabled: bool = Field(True, description="LoRA adapters (true) or full fine-tuning (false).")
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    alpha: float = Field(32.0, gt=0, description=f"LoRA alpha; the update is scaled by alpha / rank (at most {MAX_LORA_SCALE}).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field(
         "auto",
         description="Module names to adapt, 'all-linear', a preset (llama, qwen2, mistral, gpt2, phi, phi3), "
         "or 'auto' (the preset of the model's architecture).",
     )
+
+    @model_validator(mode="after")
+    def _scale(self) -> "LoraConfig":
+        if self.alpha / self.rank > MAX_LORA_SCALE:
+            raise ValueError(
+                f"model.lora.alpha / model.lora.rank = {self.alpha:g} / {self.rank} = {self.alpha / self.rank:g}: LoRA "
+                f"multiplies its update by alpha / rank, and beyond {MAX_LORA_SCALE} the first optimizer step swamps "
+                "the base model (the run would diverge and look like a learning-rate problem); common values are "
+                "alpha = rank … 4 × rank"
+            )
+        return self
 
 
 class WarmStartConfig(Section):
@@ -198,7 +252,31 @@ class TasksConfig(Section):
     def _some_reward(cls, value: list[RewardConfig]) -> list[RewardConfig]:
         if not value:
             raise ValueError("needs at least one reward function")
-        return value
+        return some_weight(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _validation_fits(cls, data: Any) -> Any:
+        """Validation prompts are carved from the training prompts, at most half of them (`carve_validation`).
+
+        A value the user wrote that cannot be carved is an error; the default shrinks to fit a small
+        train_per_family (it carved no more than that before either), so the written config says what happens."""
+        if not isinstance(data, dict):
+            return data
+        train = data.get("train_per_family", cls.model_fields["train_per_family"].default)
+        if isinstance(train, bool) or not isinstance(train, int) or train < 1:
+            return data  # the field's own check names it
+        limit = train // 2
+        given = data.get("validation_per_family")
+        if given is None:
+            return {**data, "validation_per_family": min(cls.model_fields["validation_per_family"].default, limit)}
+        if isinstance(given, int) and not isinstance(given, bool) and given > limit:
+            raise ValueError(
+                f"tasks.validation_per_family = {given} exceeds half of tasks.train_per_family = {train}: validation "
+                f"prompts are carved from the training prompts and at most half of them are, so training keeps "
+                f"prompts of its own; use at most {limit}, or raise train_per_family"
+            )
+        return data
 
 
 class OwnerConfig(Section):
@@ -237,12 +315,28 @@ class OwnerConfig(Section):
     def _distinct_sources(cls, value: list[SourceConfig]) -> list[SourceConfig]:
         return distinct_sources(value)
 
+    @field_validator("rewards")
+    @classmethod
+    def _some_weight(cls, value: list[RewardConfig]) -> list[RewardConfig]:
+        return some_weight(value) if value else value
+
     def has_data(self) -> bool:
         return bool(self.families or self.files or self.sources)
 
     def label(self, index: int) -> str:
         """Its name, else owner<index>: the `owner` column of its examples."""
         return self.name or f"owner{index}"
+
+
+def some_weight(value: list[RewardConfig]) -> list[RewardConfig]:
+    """At least one reward counts: with every weight 0 the score is always 0 and GRPO learns nothing."""
+    if all(reward.weight == 0 for reward in value):
+        names = ", ".join(reward.name for reward in value)
+        raise ValueError(
+            f"every reward function has weight 0 ({names}): the summed score would always be 0 and nothing would be "
+            "learned; give at least one a non-zero weight"
+        )
+    return value
 
 
 def distinct_sources(value: list[SourceConfig]) -> list[SourceConfig]:
@@ -270,7 +364,9 @@ class GRPOConfig(Section):
         "(scale_rewards does not apply).",
     )
     num_iterations: int = Field(1, ge=1, le=16, description="Optimisation passes over each rollout batch (μ).")
-    learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate of the policy.")
+    learning_rate: float = Field(
+        2e-3, gt=0, le=MAX_LEARNING_RATE, description="AdamW learning rate of the policy (LoRA: 1e-4 … 5e-3 is usual)."
+    )
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     share_prompt_prefix: bool = Field(
@@ -449,7 +545,7 @@ class CompressionConfig(Section):
 class FederationConfig(Section):
     method: Literal[METHODS] = Field("fgrpo", description=f"One of {', '.join(METHODS)}.")  # type: ignore[valid-type]
     num_clients: int = Field(4, ge=1, le=100_000)
-    rounds: int = Field(10, ge=1)
+    rounds: int = Field(10, ge=1, le=MAX_ROUNDS)
     local_steps: int = Field(5, ge=1, description="GRPO steps E per client per round.")
     keep_optimizer_state: bool = Field(
         False,
@@ -698,7 +794,34 @@ class Config(Section):
         unknown = sorted(set(value) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        for method, tuned in value.items():
+            for key in tuned.values:
+                if not is_numeric_key(key):
+                    raise ValueError(
+                        f"[tuned.{method}] values: '{key}' is not a numeric config key (a dotted key such as "
+                        "'grpo.learning_rate' or 'federation.fgrpo.temperature'); a misspelt key would never be applied"
+                    )
         return value
+
+
+def is_numeric_key(key: str) -> bool:
+    """True when the dotted `key` names a number field of the config tree (what `[tuned.*]` values may set)."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return False
+        if i == len(parts) - 1:
+            return _numeric_only(field.annotation) or _number_or_keyword_field(field)
+        cls = field.annotation
+    return False
+
+
+def _number_or_keyword_field(field: Any) -> bool:
+    """A float field that also reads a keyword (FGRPO's temperature = 'inf'): numeric all the same."""
+    args = typing.get_args(field.annotation)
+    return float in args or int in args
 
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:
@@ -760,8 +883,15 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     if path.is_dir():
         raise ConfigError(f"config '{path}' is a directory; pass a TOML file (e.g. {path / 'config.toml'})")
     if not path.is_file():
+        if path.exists():  # /dev/null, a FIFO, a socket: reading it would give nothing, or wait forever
+            from fgrpo.owned_files import describe
+
+            raise ConfigError(f"config '{path}' is {describe(path.resolve())}, not a regular file; pass a TOML file")
         raise ConfigError(f"config file '{path}' does not exist")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
     if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some Windows editors write one): harmless
         raw = raw[3:]
     try:
@@ -780,6 +910,11 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if not data:  # only comments: most likely every line was commented out, not "run everything at its default"
+        raise ConfigError(
+            f"config file '{path}' sets nothing (it holds only comments); write at least one section "
+            "(e.g. '[federation]') to run with the defaults"
+        )
     if overrides:
         data = deep_merge(data, overrides)
     return config_from_dict(data, str(path))

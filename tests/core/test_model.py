@@ -90,3 +90,12 @@ def test_merge_names_a_corrupt_adapter_config(tmp_path):
     (tmp_path / "adapter_config.json").write_text('["a list"]')
     with pytest.raises(ModelError, match="adapter_config.json: expected a JSON object, got list"):
         merge_adapter(tmp_path, tmp_path / "out", base="tiny")
+
+
+def test_merge_refuses_an_unknown_dtype_before_loading(tmp_path):
+    from fgrpo.core.model import merge_adapter
+
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "tiny"}')
+    with pytest.raises(ModelError, match="dtype 'float8' is not supported; choose auto, float32, bfloat16, float16"):
+        merge_adapter(tmp_path, tmp_path / "out", dtype="float8")
+    assert not (tmp_path / "out").exists()

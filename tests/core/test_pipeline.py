@@ -56,3 +56,17 @@ def test_evaluation_split_is_typed(small_config):
         config_from_dict({**data, "evaluation": {"split": "val"}})
     with pytest.raises(ConfigError, match="unknown key 'evaluation.splits'"):
         config_from_dict({**data, "evaluation": {"splits": "test"}})
+
+
+def test_an_unknown_reward_option_is_refused_naming_its_key():
+    from fgrpo.config import TasksConfig
+    from fgrpo.core.pipeline import build_reward
+
+    misspelt = TasksConfig(rewards=[{"name": "exact_match"}, {"name": "length_penalty", "kwargs": {"max_lenght": 64}}])
+    with pytest.raises(ConfigError, match=r"tasks.rewards\[1\].kwargs: max_lenght: not an option of length_penalty_reward "
+                                          r"\(its options: completion_ids, max_length, soft_cache\)"):
+        build_reward(misspelt)
+    with pytest.raises(ConfigError, match=r"tasks.rewards\[0\].kwargs: strict: not an option of exact_match_reward \(its options: none\)"):
+        build_reward(TasksConfig(rewards=[{"name": "exact_match", "kwargs": {"strict": True}}]))
+    fitting = build_reward(TasksConfig(rewards=[{"name": "length_penalty", "kwargs": {"soft_cache": 4}}]), 16)
+    assert fitting.score(["p"], ["x" * 16], {"answer": ["1"]})[0][0] == -1.0  # max_length 16 bound, 16 chars: −1

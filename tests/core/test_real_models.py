@@ -166,3 +166,25 @@ def test_exported_adapter_merges_into_the_base_model(checkpoints, tmp_path):
     assert torch.allclose(got, expected, atol=1e-4) and not torch.allclose(got, plain, atol=1e-3)
     with pytest.raises(ModelError, match="has no adapter_config.json"):
         merge_adapter(tmp_path, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_merge_writes_only_into_a_new_or_its_own_folder(checkpoints, tmp_path):
+    folder = checkpoints["qwen2"]
+    model, _ = load_model_and_tokenizer(str(folder), device="cpu")
+    add_lora(model, 4, 8.0, 0.0, "auto").save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "config.json").write_text("my own config")
+    with pytest.raises(ConfigError, match="not empty.*--overwrite"):
+        merge_adapter(tmp_path / "adapter", out)
+    with pytest.raises(ConfigError, match="refusing to overwrite config.json"):
+        merge_adapter(tmp_path / "adapter", out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "my own config"
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="'.*a-file' is a file, not a folder"):
+        merge_adapter(tmp_path / "adapter", tmp_path / "a-file")
+    fresh = merge_adapter(tmp_path / "adapter", tmp_path / "fresh")
+    assert (fresh / "config.json").is_file()
+    merge_adapter(tmp_path / "adapter", fresh, overwrite=True)  # its own earlier merge: replaced

@@ -158,3 +158,11 @@ def test_a_gsm8k_solution_without_its_final_answer_is_refused_with_its_line(tmp_
 
     with pytest.raises(DataError, match=r"gsm8k.jsonl line 2: 'answer' has no final answer '#### n', but other lines"):
         load_jsonl(path, prompt_key="question")
+
+
+@pytest.mark.parametrize("answer, fmt", [("NaN", "generic"), ("1e999", "generic"), ("NaN", "math"), ("-Infinity", "math")])
+def test_a_non_finite_answer_is_no_answer(tmp_path, answer, fmt):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "2+2?", "answer": 4}\n{"prompt": "3+3?", "answer": %s}\n' % answer)
+    with pytest.raises(DataError, match=r"d.jsonl line 2: 'answer' has no final answer"):
+        load_source(SourceConfig(name="d", path=str(path), format=fmt, prompt_column="prompt", answer_column="answer"))

@@ -369,3 +369,60 @@ def test_the_words_say_which_test_stood_in_the_way_of_a_claim():
     assert "t-test does not reject" in why_no_difference(narrow)
     covering = paired_comparison({0: 0.61, 1: 0.61, 2: 0.65}, {0: 0.60, 1: 0.62, 2: 0.64})
     assert why_no_difference(covering) == "the 95% interval covers 0"
+
+
+# ------------------------------------------------------------------ the user's files (issue 24)
+
+
+def test_report_out_dir_keeps_the_users_report_md(compare_dir, tmp_path):
+    out = tmp_path / "docs"
+    out.mkdir()
+    (out / "report.md").write_text("my own report")
+    with pytest.raises(ConfigError, match="already holds report.md; pass --overwrite"):
+        write_report(compare_dir, out_dir=out)
+    with pytest.raises(ConfigError, match="refusing to overwrite report.md"):
+        write_report(compare_dir, out_dir=out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "my own report"
+
+
+def test_report_out_dir_replaces_its_own_report_only_with_overwrite(compare_dir, tmp_path):
+    out = tmp_path / "elsewhere"
+    write_report(compare_dir, out_dir=out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="pass --overwrite"):
+        write_report(compare_dir, out_dir=out, target=0.3)
+    assert "30.0% (given)" in write_report(compare_dir, out_dir=out, target=0.3, overwrite=True).read_text()
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_report_in_its_default_folder_is_regenerated(compare_dir):
+    write_report(compare_dir)
+    assert "30.0% (given)" in write_report(compare_dir, target=0.3).read_text()
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_report_out_dir_naming_a_file_is_one_clear_error(compare_dir, tmp_path, where):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        write_report(compare_dir, out_dir=tmp_path / "f" if where == "file" else tmp_path / "f" / "sub")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_binary_metrics_file_names_its_line(compare_dir):
+    run = compare_dir / "fedavg" / "seed0" / "metrics.jsonl"
+    run.write_bytes(run.read_bytes() + b"\x89PNG\xff\xfe\x00\n")
+    with pytest.raises(DataError, match=r"seed0/metrics\.jsonl:\d+: not UTF-8 text"):
+        write_report(compare_dir)
+
+
+def test_cli_report_errors_are_one_line(compare_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from fgrpo.cli import app
+
+    (tmp_path / "f").write_text("x")
+    result = CliRunner().invoke(app, ["report", str(compare_dir), "--out-dir", str(tmp_path / "f")])
+    assert result.exit_code == 2 and "Traceback" not in result.output and "not a folder" in result.output
+    ok = CliRunner().invoke(app, ["report", str(compare_dir), "--out-dir", str(tmp_path / "r")])
+    again = CliRunner().invoke(app, ["report", str(compare_dir), "--out-dir", str(tmp_path / "r"), "--overwrite"])
+    assert ok.exit_code == 0 and again.exit_code == 0, again.output

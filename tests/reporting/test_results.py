@@ -148,3 +148,46 @@ def test_cli_workers_and_threads_flags_are_checked_as_runtime_keys(tmp_path):
     for flags, key in ((["--workers", "0"], "runtime.workers"), (["--threads", "lots"], "runtime.threads")):
         result = CliRunner().invoke(app, ["run", str(config), "-o", str(tmp_path / "out"), "--quiet", *flags])
         assert result.exit_code == 2 and "Traceback" not in result.output and key in result.output
+
+
+# ------------------------------------------------------------------ -o where no folder can be made (issue 24)
+
+
+@pytest.mark.parametrize("where", ["under_file", "proc"])
+def test_an_output_directory_that_cannot_be_made_is_one_clear_error(tmp_path, where):
+    (tmp_path / "f").write_text("x")
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    path = tmp_path / "f" / "run" if where == "under_file" else Path("/proc/fgrpo-run")
+    with pytest.raises(ConfigError, match=f"output directory '{path}' cannot be created: .*; choose another -o"):
+        prepare_run_dir(path)
+
+
+def test_a_read_only_parent_is_one_clear_error_and_an_overwritten_run_comes_back(tmp_path, monkeypatch):
+    old = tmp_path / "run"
+    prepare_run_dir(old).commit()
+    (old / "metrics.jsonl").write_text("{}\n")
+    before = snapshot(old)
+
+    def refuse(self, *args, **kwargs):  # as a read-only folder answers (root would be let through by chmod 555)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(ConfigError, match="cannot be created: Permission denied"):
+        prepare_run_dir(tmp_path / "ro" / "run")
+    with pytest.raises(ConfigError, match="cannot be created: Permission denied"):
+        prepare_run_dir(old, overwrite=True)
+    monkeypatch.undo()
+    assert snapshot(old) == before
+
+
+def test_an_os_error_that_slips_through_is_still_one_line_naming_the_path(tmp_path, monkeypatch):
+    import fgrpo.reporting.report as report
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/somewhere/report.md")
+
+    monkeypatch.setattr(report, "write_report", refuse)
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "'/somewhere/report.md': Permission denied" in result.output

@@ -125,9 +125,18 @@ class GRPOLearner:
             raise TrainingError(
                 f"sampling at GRPO step {self.steps_taken + 1}{self.step_context}: the policy's next-token probabilities are NaN or Inf, "
                 f"so its weights diverged; likely cause: grpo.learning_rate = {self.config.learning_rate:g} too high, "
-                "or rewards too large for it (tasks.*.reward_scale, reward weights, grpo.scale_rewards = 'none'). "
-                "Lower them and run again"
+                f"{self._lora_scale_text()}or rewards too large for it (tasks.*.reward_scale, reward weights, "
+                "grpo.scale_rewards = 'none'). Lower them and run again"
             ) from None
+
+    def _lora_scale_text(self) -> str:
+        """'model.lora.alpha / rank = 64 / 16 = 4 too large, ' for a LoRA policy: LoRA multiplies every update by
+        that scale, so a large one diverges like a large learning rate and must be named beside it."""
+        lora = (getattr(self.model, "peft_config", None) or {}).get("default")
+        alpha, rank = getattr(lora, "lora_alpha", None), getattr(lora, "r", None)
+        if not alpha or not rank:
+            return ""
+        return f"model.lora.alpha / rank = {alpha:g} / {rank} = {alpha / rank:g} too large, "
 
     def _generate(self, prompts, num_generations, max_completion_length, temperature, top_p, greedy) -> Rollouts:
         return self.generate_fn(

@@ -36,7 +36,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ModelError(f"dtype '{name}' is not supported; choose auto, {', '.join(dtypes)}")
+    return dtypes[name]
 
 
 def build_tiny_tokenizer():
@@ -300,17 +303,24 @@ def model_nbytes(model) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto") -> Path:
+def merge_adapter(
+    adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto", *, overwrite: bool = False
+) -> Path:
     """Fold a saved LoRA adapter into its base model and save a plain transformers checkpoint.
 
     The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)` (and
     serves in vLLM / TGI) with no peft at inference. `base` defaults to the
-    base model recorded in the adapter's adapter_config.json.
+    base model recorded in the adapter's adapter_config.json. `out_dir` must be
+    new or empty; with `overwrite`, files of an earlier merge are replaced, and
+    never a file fgrpo did not write there (`fgrpo.owned_files`).
     """
     import json
 
     from peft import PeftModel
 
+    from fgrpo.owned_files import staged_folder
+
+    pick_dtype(dtype, torch.device("cpu"))  # an unknown dtype is refused before any loading
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
@@ -330,12 +340,13 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
         base = adapter_config.get("base_model_name_or_path")
         if not base:
             raise ModelError(f"{config_path} names no base model; pass the base model's folder or hub id")
-    model, tokenizer = load_model_and_tokenizer(base, dtype, "cpu")
-    try:
-        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    except Exception as exc:
-        raise ModelError(f"cannot apply the adapter in '{adapter_dir}' to '{base}': {exc}") from exc
     out_dir = Path(out_dir)
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with staged_folder(out_dir, overwrite=overwrite, what="merged model folder") as stage:
+        model, tokenizer = load_model_and_tokenizer(base, dtype, "cpu")
+        try:
+            merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        except Exception as exc:
+            raise ModelError(f"cannot apply the adapter in '{adapter_dir}' to '{base}': {exc}") from exc
+        merged.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
     return out_dir

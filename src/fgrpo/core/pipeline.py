@@ -13,7 +13,7 @@ from fgrpo.config import Config, ModelConfig, TasksConfig
 from fgrpo.errors import ConfigError
 from fgrpo.core.learner import GRPOLearner, seeded
 from fgrpo.core.model import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
-from fgrpo.data.rewards import OwnerRewards, WeightedReward, resolve_reward_function
+from fgrpo.data.rewards import OwnerRewards, WeightedReward, check_reward_options, resolve_reward_function
 from fgrpo.data.sources import load_source
 from fgrpo.data.tasks import (
     Example,
@@ -92,6 +92,10 @@ def build_reward(tasks: TasksConfig, max_completion_length: int | None = None, k
             fn = resolve_reward_function(reward.name)
         except ConfigError as error:
             raise ConfigError(f"{key}[{i}].name: {error}") from None
+        try:
+            check_reward_options(fn, reward.kwargs)
+        except ConfigError as error:
+            raise ConfigError(f"{key}[{i}].kwargs: {error}") from None
         kwargs = dict(reward.kwargs)
         if reward.name == "length_penalty" and max_completion_length is not None:
             kwargs.setdefault("max_length", max_completion_length)

@@ -8,6 +8,7 @@ needs another's private helpers.
 
 from __future__ import annotations
 
+import math
 import re
 from decimal import Decimal
 
@@ -125,14 +126,24 @@ def raw_answer(text: str, style: str = "line") -> str | None:
 
 
 def answer_from_value(value, numeric: bool) -> str | None:
-    """A reference answer from a JSON value: a number, a string, or a GSM8K solution ending in '#### n'."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    """A reference answer from a JSON value: a number, a string, or a GSM8K solution ending in '#### n'.
+
+    NaN and ±inf (JSON's `NaN`, or `1e999` read as inf) are no answer: every completion would be scored
+    against the text 'nan' or 'inf'."""
+    if not is_answer_scalar(value):
         return None
     text = str(value)
     if "####" in text:
         text = text.rsplit("####", 1)[1]
     text = normalize_answer(text, numeric)
     return text or None
+
+
+def is_answer_scalar(value) -> bool:
+    """A string, an integer or a finite float (not a bool, NaN or ±inf): what a reference answer may be."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def answer_column(kwargs: dict, function: str) -> list:

@@ -146,6 +146,30 @@ def resolve_reward_function(name_or_path: str) -> RewardFunction:
     return target
 
 
+def check_reward_options(fn: RewardFunction, options: dict) -> None:
+    """Each option bound to `fn` (a reward's `kwargs`) must be one of its named parameters.
+
+    Every reward function takes `**kwargs` (the dataset columns arrive there, as in TRL), so a misspelt option
+    such as `max_lenght` would be swallowed and the default silently used. An option a function of your own
+    reads must therefore be a named parameter: `def score(prompts, completions, strict=False, **kwargs)`.
+    """
+    import inspect
+
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a callable with no Python signature: nothing to check against
+        return
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = sorted(p.name for p in parameters if p.kind in kinds and p.name not in ("prompts", "completions"))
+    unknown = sorted(set(options) - set(named))
+    if unknown:
+        raise ConfigError(
+            f"{', '.join(unknown)}: not an option of {function_name(fn)} (its options: {', '.join(named) or 'none'}); "
+            "an option of your own function must be a named parameter, e.g. def score(prompts, completions, "
+            "strict=False, **kwargs)"
+        )
+
+
 def function_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 

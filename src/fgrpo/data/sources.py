@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fgrpo.config import SourceConfig
 from fgrpo.errors import DataError
-from fgrpo.data.answers import answer_from_value, boxed
+from fgrpo.data.answers import answer_from_value, boxed, is_answer_scalar
 from fgrpo.data.tasks import Example, answer_is_numeric, jsonl_records
 
 FORMAT_COLUMNS: dict[str, tuple[str, str]] = {
@@ -89,7 +89,7 @@ def reference_answer(value, fmt: str, numeric: bool) -> str | None:
         return (content.strip() or None) if content is not None else None
     if fmt == "math":
         # A MATH solution without a box has no checkable answer; a short answer column is taken as is.
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if not is_answer_scalar(value):
             return None
         text = str(value).strip()
         return text if text and len(text) <= 64 and "\n" not in text else None

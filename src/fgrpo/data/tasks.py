@@ -467,8 +467,8 @@ def load_jsonl(
         answer = answer_from_value(record[answer_key], numeric)
         if answer is None:
             raise DataError(
-                f"{where}: '{answer_key}' must be a non-empty string or a number, got {record[answer_key]!r}",
-                public=f"{where}: '{answer_key}' must be a non-empty string or a number",
+                f"{where}: '{answer_key}' must be a non-empty string or a finite number, got {record[answer_key]!r}",
+                public=f"{where}: '{answer_key}' must be a non-empty string or a finite number",
             )
         marked = isinstance(record[answer_key], str) and "####" in record[answer_key]
         if unmarked_at is None and not marked:

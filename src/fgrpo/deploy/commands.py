@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import shutil
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from fgrpo.config import Config, dump_config, tomllib
 from fgrpo.errors import ConfigError, FederationError
+from fgrpo.owned_files import check_replaceable, write_files
 
 LOOPBACK = "127.0.0.1"
 SUPERLINK_PORT = 9093
@@ -48,6 +50,64 @@ def missing_binaries() -> list[str]:
         except FederationError:
             missing.append(name)
     return missing
+
+
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_host(host: str, flag: str = "--host") -> str:
+    """`host` if it is an IP address (IPv6 with or without brackets) or a DNS name, else one clear ConfigError.
+
+    Flower takes any string and fails later, far from the typo (or binds nothing at all for '')."""
+    text = host.strip()
+    if not text:
+        raise ConfigError(f"{flag} is empty; give the SuperLink machine's IP address or DNS name (e.g. 127.0.0.1)")
+    try:
+        ipaddress.ip_address(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
+        return text
+    except ValueError:
+        pass
+    labels = text.removesuffix(".").split(".")
+    if len(text) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ConfigError(
+            f"{flag} {host!r} is neither an IP address nor a DNS name (letters, digits and '-', separated by '.')"
+        )
+    return text
+
+
+def check_port(port: int, flag: str = "--port") -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{flag} {port!r} is not a TCP port; expected a whole number from 1 to 65535")
+    return port
+
+
+def join_address(host: str, port: int) -> str:
+    """host:port, with an IPv6 address in brackets ([::1]:9093) as gRPC expects."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def parse_address(address: str, what: str = "SuperLink address") -> tuple[str, int]:
+    """'host:port' or '[ipv6]:port' -> (host, port), each checked; anything else is one clear ConfigError."""
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep or not port_text.isdigit() or (":" in host and not host.startswith("[")):
+        raise ConfigError(f"{what} {address!r} must be host:port (e.g. 127.0.0.1:9093 or [::1]:9093)")
+    return check_host(host, what), check_port(int(port_text), what)
+
+
+def check_files(paths: Sequence[Path], flag: str) -> None:
+    """Every path is an existing regular file (a typo is refused here, not on a SuperNode hours later)."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"{flag}: no such file: {', '.join(missing[:4])}")
+
+
+def check_tls_folder(folder: Path) -> None:
+    """The folder `fgrpo flower certs` makes: ca.crt, server.pem and server.key, all present."""
+    if not Path(folder).is_dir():
+        raise ConfigError(f"--tls '{folder}' is not a folder; make one with `fgrpo flower certs {folder}`")
+    missing = [name for name in ("ca.crt", "server.pem", "server.key") if not (Path(folder) / name).is_file()]
+    if missing:
+        raise ConfigError(f"--tls '{folder}' lacks {', '.join(missing)} (make them with `fgrpo flower certs {folder}`)")
 
 
 def format_node_config(node_config: Mapping[str, Any]) -> str:
@@ -171,8 +231,11 @@ def write_connection(
     """
     import tomli_w
 
+    parse_address(address)
+    if root_cert is not None and not Path(root_cert).is_file():
+        raise ConfigError(f"--root-cert '{root_cert}': no such file; pass the CA certificate (ca.crt of `fgrpo flower certs`)")
     path = flower_config_path(flwr_home)
-    data: dict = tomllib.loads(path.read_text()) if path.exists() else {}
+    data = read_flower_config(path)
     connection: dict[str, Any] = {"address": address}
     if root_cert is None:
         connection["insecure"] = True
@@ -181,20 +244,45 @@ def write_connection(
     superlinks = data.setdefault("superlink", {})
     superlinks[name] = connection
     superlinks.setdefault("default", name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps(data))
+    except OSError as exc:
+        raise ConfigError(f"Flower's config file '{path}' cannot be written: {exc.strerror or exc}") from None
     return path
 
 
-def generate_tls_certificates(out_dir: Path | str, hosts: Sequence[str] = (LOOPBACK, "localhost"), days: int = 365) -> TLSFiles:
-    """A self-signed CA and a SuperLink certificate for `hosts` (IPs and DNS names), as Flower's TLS guide makes with openssl."""
+def read_flower_config(path: Path) -> dict:
+    """Flower's config file as a dict ({} when absent); a file that is not TOML, or whose [superlink] is not a
+    table, is one ConfigError naming it (fgrpo rewrites this file, so it must understand all of it first)."""
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Flower's config file '{path}' cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Flower's config file '{path}' is not valid TOML ({exc}); fix or move it, then run again") from None
+    if not isinstance(data.get("superlink", {}), dict):
+        raise ConfigError(f"Flower's config file '{path}': 'superlink' must be a table of connections ([superlink.NAME])")
+    return data
+
+
+def generate_tls_certificates(
+    out_dir: Path | str, hosts: Sequence[str] = (LOOPBACK, "localhost"), days: int = 365, *, overwrite: bool = False
+) -> TLSFiles:
+    """A self-signed CA and a SuperLink certificate for `hosts` (IPs and DNS names), as Flower's TLS guide makes with
+    openssl. Existing files are replaced only with `overwrite` and only if fgrpo wrote them (`fgrpo.owned_files`)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    hosts = [check_host(host, "--host") for host in hosts]
+    files = TLSFiles(out / "ca.crt", out / "server.pem", out / "server.key")
+    check_replaceable(out, [p.name for p in (files.ca_cert, files.server_cert, files.server_key)],
+                      overwrite=overwrite, what="certificate folder")  # before the slow key generation
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def key() -> rsa.RSAPrivateKey:
@@ -226,31 +314,29 @@ def generate_tls_certificates(out_dir: Path | str, hosts: Sequence[str] = (LOOPB
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    files = TLSFiles(out / "ca.crt", out / "server.pem", out / "server.key")
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_key.write_bytes(pem_key(server_key))
-    files.server_key.chmod(0o600)
+    write_files(out, {
+        files.ca_cert.name: ca_cert.public_bytes(serialization.Encoding.PEM),
+        files.server_cert.name: server_cert.public_bytes(serialization.Encoding.PEM),
+        files.server_key.name: pem_key(server_key),
+    }, overwrite=overwrite, what="certificate folder", private=[files.server_key.name])
     return files
 
 
-def generate_supernode_keys(out_dir: Path | str, count: int) -> list[tuple[Path, Path]]:
-    """(private, public) OpenSSH ECDSA P-384 key files per SuperNode, as `ssh-keygen -t ecdsa -b 384` makes."""
+def generate_supernode_keys(out_dir: Path | str, count: int, *, overwrite: bool = False) -> list[tuple[Path, Path]]:
+    """(private, public) OpenSSH ECDSA P-384 key files per SuperNode, as `ssh-keygen -t ecdsa -b 384` makes.
+    Existing keys are replaced only with `overwrite` and only if fgrpo wrote them (`fgrpo.owned_files`)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pairs = []
+    contents: dict[str, bytes] = {}
     for i in range(count):
         private = ec.generate_private_key(ec.SECP384R1())
-        private_path, public_path = out / f"supernode{i}", out / f"supernode{i}.pub"
-        private_path.write_bytes(
-            private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        contents[f"supernode{i}"] = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
-        private_path.chmod(0o600)
-        public_path.write_bytes(
-            private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        contents[f"supernode{i}.pub"] = private.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
-        pairs.append((private_path, public_path))
-    return pairs
+    write_files(out, contents, overwrite=overwrite, what="key folder", private=[f"supernode{i}" for i in range(count)])
+    return [(out / f"supernode{i}", out / f"supernode{i}.pub") for i in range(count)]

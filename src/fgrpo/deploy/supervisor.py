@@ -98,8 +98,8 @@ class LocalFederation:
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        certs = generate_tls_certificates(self.work_dir / "certificates") if self.tls else None
-        keys = generate_supernode_keys(self.work_dir / "keys", len(self.node_configs)) if self.supernode_auth else []
+        certs = generate_tls_certificates(self.work_dir / "certificates", overwrite=True) if self.tls else None
+        keys = generate_supernode_keys(self.work_dir / "keys", len(self.node_configs), overwrite=True) if self.supernode_auth else []
         write_connection(self.address, root_cert=certs.ca_cert if certs else None, flwr_home=self.env["FLWR_HOME"])
         self.superlink = self._spawn("superlink", superlink_command(self.port, tls=certs, supernode_auth=self.supernode_auth))
         self._wait_listening(self.port, self.superlink, "superlink")

@@ -83,8 +83,8 @@ def _scenario(path: Path, runs: list[RunMetrics]) -> str:
     compare_file = path / "compare.json"
     if compare_file.is_file():
         try:
-            scenario = json.loads(compare_file.read_text()).get("scenario")
-        except (json.JSONDecodeError, AttributeError):
+            scenario = json.loads(compare_file.read_text(encoding="utf-8")).get("scenario")
+        except (ValueError, AttributeError):  # not JSON, not UTF-8, not an object
             expected = 'a JSON object with "methods", "seeds", "scenario"'
             raise DataError(f"{compare_file}: expected {expected}") from None
         if scenario:
@@ -95,12 +95,29 @@ def _scenario(path: Path, runs: list[RunMetrics]) -> str:
     return DASH
 
 
-def write_report(path: Path, target: float | None = None, out_dir: Path | None = None) -> Path:
-    """Write report.md, report.html and the PNG plots into out_dir (default path/"report"); return the md path."""
+REPORT_FILES = ("report.md", "report.html", "accuracy.png", "client_accuracy.png", "aggregation_weights.png",
+                "client_rewards.png", "train_reward.png")
+
+
+def write_report(path: Path, target: float | None = None, out_dir: Path | None = None, *, overwrite: bool = False) -> Path:
+    """Write report.md, report.html and the PNG plots into out_dir (default path/"report"); return the md path.
+
+    A report is regenerated in place under path/"report"; an `out_dir` that already holds a report needs
+    `overwrite`. Either way only files an earlier report wrote are replaced, never the user's own
+    (`fgrpo.owned_files`), and a failed report leaves the folder as it was.
+    """
+    from fgrpo.owned_files import staged_folder
+
     path = Path(path)
     runs = load_runs(path)
+    replace = overwrite or out_dir is None
     out_dir = Path(out_dir) if out_dir is not None else path / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with staged_folder(out_dir, overwrite=replace, what="report folder", names=REPORT_FILES) as stage:
+        _write_report_files(path, runs, target, stage)
+    return out_dir / "report.md"
+
+
+def _write_report_files(path: Path, runs: list[RunMetrics], target: float | None, out_dir: Path) -> None:
     summaries, used_target = summarize(runs, target)
     groups = group_by_method(runs)
     federated = [s for s in summaries if not s.is_train]
@@ -174,10 +191,8 @@ def write_report(path: Path, target: float | None = None, out_dir: Path | None =
     doc.heading(2, "How to read this")
     doc.bullets(_reading_notes(bool(federated), bool(trained)))
 
-    md_path = out_dir / "report.md"
-    md_path.write_text("\n".join(doc.md))
+    (out_dir / "report.md").write_text("\n".join(doc.md))
     (out_dir / "report.html").write_text(doc.render_html(title))
-    return md_path
 
 
 def model_kind(method: str) -> str | None:

@@ -133,9 +133,23 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
     else:
         run = RunDirectory(path)
     run.created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER_NAME).write_text(_marker_text(kind), encoding="utf-8")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MARKER_NAME).write_text(_marker_text(kind), encoding="utf-8")
+    except OSError as exc:
+        if run.backup is not None:  # put the replaced run back: nothing of the user's changes
+            os.replace(run.backup, path)
+        raise ConfigError(_unwritable(path, exc)) from None
     return run
+
+
+def _unwritable(path: Path, exc: OSError) -> str:
+    """Why a results directory cannot be made, in one line naming it (no traceback)."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        reason = "a part of this path is a file, not a folder"
+    else:
+        reason = exc.strerror or str(exc)
+    return f"output directory '{path}' cannot be created: {reason}; choose another -o"
 
 
 @contextmanager

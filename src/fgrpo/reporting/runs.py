@@ -74,9 +74,11 @@ def _load_run(run_dir: Path) -> RunMetrics:
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():
         try:
-            summary = json.loads(summary_file.read_text())
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{summary_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{summary_file}: not UTF-8 text; expected the JSON object fgrpo writes") from None
         if not isinstance(summary, dict):
             raise DataError(f"{summary_file}: expected a JSON object")
     first = next(iter(records.values()))[0]
@@ -89,16 +91,25 @@ def _load_run(run_dir: Path) -> RunMetrics:
 
 def _read_jsonl(metrics_file: Path) -> list[dict]:
     records = []
-    with metrics_file.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{metrics_file}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); expected one JSON object per line") from None
-            records.append(_check_record(record, where))
+    try:
+        raw = metrics_file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{metrics_file}: cannot be read ({exc.strerror or exc})") from None
+    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
+        where = f"{metrics_file}:{lineno}"
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: not UTF-8 text; expected one JSON object per line (is this a metrics.jsonl?)") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+        except RecursionError:
+            raise DataError(f"{where}: nested too deeply; expected one flat JSON object per line") from None
+        records.append(_check_record(record, where))
     return records
 
 
