@@ -372,6 +372,12 @@ class GRPOConfig(Section):
     share_prompt_prefix: bool = Field(
         True, description="Score each prompt once for its G completions (KV cache); off = one full pass per row."
     )
+    micro_batch_size: int = Field(
+        0,
+        ge=0,
+        description="Completions per forward/backward of the loss (whole prompt groups; gradients accumulate to the "
+        "one-batch gradient): bounds the (rows, tokens, vocabulary) logits in memory; 0 = the whole batch at once.",
+    )
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token", description="Policy ratio per token, or one per completion from its mean log-ratio (GSPO), as in TRL."
     )

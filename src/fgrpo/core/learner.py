@@ -177,6 +177,62 @@ class GRPOLearner:
         scored = compute_rewards(grouped_examples, rollouts.completions, self.reward, completion_ids=completion_ids)
         return grouped_examples, scored
 
+    def _micro_batches(self, rollouts: Rollouts, loss_mask: torch.Tensor):
+        """((start, stop), loss share, token share) per micro-batch of whole prompt groups.
+
+        The loss of the whole batch is Σ share · loss(micro-batch): for per-token normalisers (bnpo; dapo
+        gets the batch's token count instead) the share is the micro-batch's part of the loss tokens, for
+        per-sequence ones (grpo, dr_grpo) its part of the rows. The token share weighs the KL and clip
+        metrics, which are token means. The top-entropy mask needs a quantile over the whole batch, so
+        it keeps one micro-batch.
+        """
+        rows, group = rollouts.completion_ids.size(0), rollouts.num_generations
+        size = self.config.micro_batch_size
+        if size <= 0 or size >= rows or self.config.top_entropy_quantile < 1.0:
+            yield (0, rows), 1.0, 1.0
+            return
+        step = max(1, size // group) * group
+        tokens = loss_mask.sum(1)  # (N,)
+        total_tokens = float(tokens.sum().clamp(min=1.0))
+        for begin in range(0, rows, step):
+            end = min(begin + step, rows)
+            token_share = float(tokens[begin:end].sum()) / total_tokens
+            if self.config.loss_type == "bnpo":
+                share = token_share
+            elif self.config.loss_type == "dapo":
+                share = 1.0  # normalised by the whole batch's tokens (num_items_in_batch)
+            else:
+                share = (end - begin) / rows
+            yield (begin, end), share, token_share
+
+    def _micro_batch_loss(self, chunk: Rollouts, rows: tuple[int, int], advantages, loss_mask, old_log_probs, ref_log_probs):
+        """The GRPO loss of rows `rows` of the batch, with their logits only in memory."""
+        cfg = self.config
+        begin, end = rows
+        mask = loss_mask[begin:end]
+        logits = completion_logits(self.model, chunk, self.share_prompts)  # (n, T, V)
+        log_probs = token_log_probs(logits, chunk.completion_ids, cfg.temperature)  # (n, T)
+        entropy_mask = None
+        if cfg.top_entropy_quantile < 1.0:
+            entropy_mask = high_entropy_mask(token_entropies(logits, cfg.temperature), mask, cfg.top_entropy_quantile)
+        del logits
+        return grpo_loss(
+            log_probs,
+            None if old_log_probs is None else old_log_probs[begin:end],
+            advantages[begin:end],
+            mask,
+            epsilon_low=cfg.epsilon,
+            epsilon_high=cfg.effective_epsilon_high,
+            beta=cfg.beta,
+            ref_log_probs=None if ref_log_probs is None else ref_log_probs[begin:end],
+            loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_completion_length,
+            importance_sampling_level=cfg.importance_sampling_level,
+            delta=cfg.delta,
+            entropy_mask=entropy_mask,
+            num_items_in_batch=float(loss_mask.sum()) if cfg.loss_type == "dapo" else None,
+        )
+
     @torch.inference_mode()
     def prompt_rewards(self, examples: list[Example]) -> np.ndarray:
         """(B,) mean reward of G fresh samples per prompt from the current policy; no training.
@@ -218,37 +274,23 @@ class GRPOLearner:
             self.model.train()
         totals: dict[str, float] = defaultdict(float)
         for _ in range(cfg.num_iterations):
-            logits = completion_logits(self.model, rollouts, self.share_prompts)  # (N, T, V)
-            log_probs = token_log_probs(logits, rollouts.completion_ids, cfg.temperature)
-            entropy_mask = None
-            if cfg.top_entropy_quantile < 1.0:
-                entropy_mask = high_entropy_mask(token_entropies(logits, cfg.temperature), loss_mask, cfg.top_entropy_quantile)
-            del logits
-            out = grpo_loss(
-                log_probs,
-                old_log_probs,
-                advantages,
-                loss_mask,
-                epsilon_low=cfg.epsilon,
-                epsilon_high=cfg.effective_epsilon_high,
-                beta=cfg.beta,
-                ref_log_probs=ref_log_probs,
-                loss_type=cfg.loss_type,
-                max_completion_length=cfg.max_completion_length,
-                importance_sampling_level=cfg.importance_sampling_level,
-                delta=cfg.delta,
-                entropy_mask=entropy_mask,
-            )
-            loss = out.loss
-            if proximal is not None and proximal.mu > 0:
-                loss = loss + proximal_penalty(self.model, proximal)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_value, kl, clip_fraction = 0.0, 0.0, 0.0
+            for rows, share, token_share in self._micro_batches(rollouts, loss_mask):
+                out = self._micro_batch_loss(rollouts.rows(*rows), rows, advantages, loss_mask, old_log_probs, ref_log_probs)
+                (out.loss * share).backward()  # the one-batch loss is the share-weighted sum of these
+                loss_value += float(out.loss.detach()) * share
+                kl += out.kl * token_share
+                clip_fraction += out.clip_fraction * token_share
+            if proximal is not None and proximal.mu > 0:
+                penalty = proximal_penalty(self.model, proximal)
+                penalty.backward()
+                loss_value += float(penalty.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable_parameters(self.model).values()), cfg.max_grad_norm)
             self.optimizer.step()
-            totals["loss"] += float(loss.detach()) / cfg.num_iterations
-            totals["kl"] += out.kl / cfg.num_iterations
-            totals["clip_frac"] += out.clip_fraction / cfg.num_iterations
+            totals["loss"] += loss_value / cfg.num_iterations
+            totals["kl"] += kl / cfg.num_iterations
+            totals["clip_frac"] += clip_fraction / cfg.num_iterations
             totals["grad_norm"] += float(grad_norm) / cfg.num_iterations
         elapsed = time.perf_counter() - start
         # 6. log

@@ -32,6 +32,17 @@ class Rollouts:
     def num_completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
+    def rows(self, start: int, stop: int) -> "Rollouts":
+        """Rows start..stop−1 (whole groups of G when both are multiples of G), padding kept as it is."""
+        return Rollouts(
+            self.prompt_ids[start:stop],
+            self.prompt_mask[start:stop],
+            self.completion_ids[start:stop],
+            self.completion_mask[start:stop],
+            self.completions[start:stop],
+            self.num_generations,
+        )
+
 
 def encode_prompts(
     tokenizer, prompts: list[str], device: torch.device, add_special_tokens: bool = True
