@@ -206,3 +206,16 @@ def test_node_config_values_stay_on_the_node(tmp_path):
     assert SECRET not in public_message(flag.value) and "allow-server-data must be true or false" in public_message(flag.value)
     missing, locked = FileNotFoundError(2, "No such file", "/x"), PermissionError(13, "Permission denied", "/x")
     assert public_message(missing) == public_message(locked)
+
+
+def test_flower_commands_say_that_nodes_refuse_a_server_named_model_path(tmp_path):
+    from typer.testing import CliRunner
+
+    from fgrpo.cli import app
+
+    (tmp_path / "c.toml").write_text('[model]\nsource = "/models/mine"\nchat_template = "/models/chat.jinja"\n'
+                                     "[federation]\nnum_clients = 2\n")
+    result = CliRunner().invoke(app, ["flower", "commands", str(tmp_path / "c.toml")])
+    assert result.exit_code == 0, result.output
+    assert "the config names model.source, model.chat_template: SuperNodes refuse" in result.output
+    assert "model-source / chat-template" in result.output

@@ -179,6 +179,7 @@ def test_a_reward_functions_message_never_leaves_the_node(tmp_path, monkeypatch,
         "    raise ValueError(f'expected SECRET-ANSWER-5-6, got {completions[0]!r}')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("fgrpo.federation.clientapp._LOGGED", set())  # the node logs each public text once
     data = small_config_dict(tmp_path)
     data["tasks"]["rewards"] = [{"name": "leaky_reward:reward"}]
     data["federation"]["rounds"] = 1
@@ -197,7 +198,8 @@ def test_a_chat_templates_own_error_never_leaves_the_node(tmp_path):
     data = small_config_dict(tmp_path)
     data["model"]["chat_template"] = str(template)
     seen = server_view(tmp_path, config_from_dict(data), **SIMULATED)
-    assert "ModelError on this node (the details stay in the node's log)" in seen and "NODE-SECRET-42" not in seen
+    assert "ModelError: failed on this node with a message that may quote its files" in seen
+    assert "NODE-SECRET-42" not in seen
     refused = server_view(tmp_path, config_from_dict(data))  # nodes that read no file the server names
     assert "model.chat_template = 'TMP/chat.jinja' cannot be used on this node" in refused
 

@@ -226,6 +226,12 @@ def server_paths(tasks: TasksConfig) -> list[str]:
     ]
 
 
+def server_model_paths(model: ModelConfig) -> list[str]:
+    """The keys of the run config's [model] that name a path on the nodes (see `names_a_path`)."""
+    named = {"model.source": names_a_path(model.source), "model.chat_template": model.chat_template not in NAMED_TEMPLATES}
+    return [key for key, is_path in named.items() if is_path]
+
+
 def server_code(tasks: TasksConfig) -> list[str]:
     """The keys of the run config that name code to import ('module:function' rewards)."""
     return [f"tasks.rewards[{i}].name" for i, reward in enumerate(tasks.rewards) if ":" in reward.name]
@@ -357,7 +363,7 @@ def public_message(error: BaseException) -> str:
         if error.public:
             return error.public
         if type(error).may_quote_private:
-            return f"{type(error).__name__} on this node (the details stay in the node's log)"
+            return "failed on this node with a message that may quote its files, so it stays in the node's log"
         return str(error) if not isinstance(error, DataError) else "a data file of this node is malformed"
     if isinstance(error, OSError):  # one text for all: a missing file and an unreadable one look the same
         return "a file on this node could not be read or written (the details stay in the node's log)"

@@ -189,7 +189,8 @@ def node_learner(context: Context) -> GRPOLearner:
             if own
             else unusable_source(config_from_text(run_text).model.source)
         )
-        raise ModelError(f"{type(error).__name__}: {error}", public=public) from error
+        message = str(error) if isinstance(error, ModelError) else f"{type(error).__name__}: {error}"
+        raise ModelError(message, public=public) from error
 
 
 def shared_learner(context: Context) -> GRPOLearner:
@@ -330,7 +331,8 @@ def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
     function's own message may quote a completion or an answer, a loader's
     may quote a file, a node-config error its value: the server gets the
     file, line, key and kind of problem, and the node's log keeps the full
-    message (once per distinct message, not once per round and client).
+    message (the first one behind each public text, not one per round and
+    client).
     """
     from fgrpo.data.node_spec import public_message
     from fgrpo.errors import FgrpoError
@@ -340,8 +342,8 @@ def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
     except Exception as error:  # noqa: BLE001 - re-raised, in its public form
         public = public_message(error)
         full = f"{type(error).__name__}: {error}"
-        if public != str(error) and full not in _LOGGED and len(_LOGGED) < 1024:
-            _LOGGED.add(full)
+        if public != str(error) and public not in _LOGGED and len(_LOGGED) < 1024:
+            _LOGGED.add(public)
             logger.warning("this node's ClientApp failed (the server is told only: %s): %s", public, full)
         kind = type(error) if isinstance(error, FgrpoError) else FgrpoError
         try:

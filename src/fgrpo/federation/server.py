@@ -169,7 +169,12 @@ def check_metrics_prefix(path: Path, state: ServerState) -> None:
             f"cannot resume: '{path}' has {size} bytes but the checkpoint of round {state.server_round} recorded "
             f"{state.metrics_offset}; it was shortened. Restore it, or start the run again in a new directory"
         )
-    if state.metrics_sha256 is None or file_sha256(path, state.metrics_offset) != state.metrics_sha256:
+    if state.metrics_sha256 is None:
+        raise ConfigError(
+            f"cannot resume: the checkpoint of round {state.server_round} records no hash of '{path}', so fgrpo "
+            "cannot check what resuming would drop from it; start the run again in a new directory"
+        )
+    if file_sha256(path, state.metrics_offset) != state.metrics_sha256:
         raise ConfigError(
             f"cannot resume: '{path}' was edited after the checkpoint of round {state.server_round} (its first "
             f"{state.metrics_offset} bytes differ). Restore it, or start the run again in a new directory"
@@ -177,8 +182,8 @@ def check_metrics_prefix(path: Path, state: ServerState) -> None:
     dropped = _records_beyond(path, state.metrics_offset, state.server_round)
     if dropped is not None:
         raise ConfigError(
-            f"cannot resume: '{path}' {dropped} after byte {state.metrics_offset}, where the checkpoint of round "
-            f"{state.server_round} ends; resuming would drop it. Restore the file, or start the run again in a new "
+            f"cannot resume: resuming would cut '{path}' back to byte {state.metrics_offset} (the checkpoint of round "
+            f"{state.server_round}), but what follows {dropped}. Restore the file, or start the run again in a new "
             "directory"
         )
 
@@ -193,16 +198,16 @@ def _records_beyond(path: Path, offset: int, server_round: int) -> str | None:
         if offset > 0:
             handle.seek(offset - 1)
             if handle.read(1) != b"\n":
-                return "has a record that straddles the checkpoint's end"
+                return "starts inside a record"
         lines = handle.read().split(b"\n")
     for number, line in enumerate(lines[:-1]):  # the last piece has no newline: a write the crash cut short
         try:
             record = json.loads(line)
         except ValueError:
-            return f"has a malformed line {number + 1} (not JSON)"
+            return f"has a line that is not JSON (line {number + 1} after that byte)"
         later = isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] > server_round
         if not later:
-            return "has records of rounds the checkpoint already holds"
+            return "holds records of rounds the checkpoint already covers"
     return None
 
 
