@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -182,7 +183,8 @@ def test_a_server_named_template_fails_the_same_way_whatever_the_node_holds(tmp_
 
     views = {seen("present.jinja", NodeSpec())}  # refused: the node does not read files the server names
     allowed = NodeSpec(allow_server_data=True)
-    views |= {seen(name, allowed) for name in ("missing.jinja", "locked.jinja", "latin1.jinja", "")}
+    os.mkfifo(tmp_path / "fifo.jinja")  # reading it would never end
+    views |= {seen(name, allowed) for name in ("missing.jinja", "locked.jinja", "latin1.jinja", "", "fifo.jinja")}
     assert len(views) == 1 and "cannot be used on this node" in views.pop()
     template = str(tmp_path / "present.jinja")
     assert node_model(ModelConfig(chat_template=template), allowed).chat_template == template
@@ -204,6 +206,10 @@ def test_node_config_values_stay_on_the_node(tmp_path):
     with pytest.raises(ConfigError) as flag:
         node_spec({"allow-server-data": SECRET})
     assert SECRET not in public_message(flag.value) and "allow-server-data must be true or false" in public_message(flag.value)
+    with pytest.raises(ConfigError) as out_of_range:
+        node_data(node_context(config_from_dict(__import__("conftest").small_config_dict(tmp_path)),
+                               **{"partition-id": 4711, "num-partitions": 2}))
+    assert "4711" in str(out_of_range.value) and "4711" not in public_message(out_of_range.value)
     missing, locked = FileNotFoundError(2, "No such file", "/x"), PermissionError(13, "Permission denied", "/x")
     assert public_message(missing) == public_message(locked)
 

@@ -184,8 +184,12 @@ def unusable_template(template: str) -> str:
 
 
 def _readable_text(path: str) -> bool:
+    """A regular file of UTF-8 text (a FIFO or a device such as /dev/zero would never finish reading)."""
     try:
-        Path(path).expanduser().read_text(encoding="utf-8")
+        file = Path(path).expanduser()
+        if not file.is_file():
+            return False
+        file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return True
@@ -293,7 +297,9 @@ def run_owner(owners: list[OwnerConfig], spec: NodeSpec, partition_id: int) -> t
     if not 0 <= partition_id < len(owners):
         raise ConfigError(
             f"node config partition-id = {partition_id}, but federation.clients lists {len(owners)} owners "
-            f"(partition-id must be in 0..{len(owners) - 1})"
+            f"(partition-id must be in 0..{len(owners) - 1})",
+            public=f"node config partition-id is not one of the {len(owners)} owners of federation.clients "
+            f"(it must be in 0..{len(owners) - 1})",
         )
     return partition_id, owners[partition_id]
 

@@ -220,7 +220,10 @@ def _client_data(
     if not 0 <= partition_id < num_partitions:
         from fgrpo.errors import ConfigError
 
-        raise ConfigError(f"node config partition-id = {partition_id} must be in 0..{num_partitions - 1} (num-partitions)")
+        raise ConfigError(
+            f"node config partition-id = {partition_id} must be in 0..{num_partitions - 1} (num-partitions)",
+            public=f"node config partition-id must be in 0..{num_partitions - 1} (num-partitions)",
+        )
     return _partitioned(config_text, num_partitions)[partition_id]
 
 
