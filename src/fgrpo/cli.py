@@ -343,12 +343,14 @@ def flower_commands(
         for i in range(n):
             print(line(deploy.register_command(auth / f"supernode{i}.pub")))
     print("\n# 3. one SuperNode per data owner, each on its own machine, pointing at its own data")
-    from fgrpo.data.node_spec import owners_named, server_code, server_paths
+    from fgrpo.data.node_spec import owners_named, server_code, server_model_paths, server_paths
 
-    named = server_paths(cfg.tasks) + server_code(cfg.tasks) + [key for keys in owners_named(cfg.federation.clients) for key in keys]
+    named = server_paths(cfg.tasks) + server_model_paths(cfg.model) + server_code(cfg.tasks)
+    named += [key for keys in owners_named(cfg.federation.clients) for key in keys]
     if named:  # a SuperNode refuses them unless its node config allows it (docs/deployment.md)
         print(f"#    the config names {', '.join(named[:3])}: SuperNodes refuse server-chosen files and code; give each "
-              "node its own data-path / data-config, or add allow-server-data=true / allow-server-code=true")
+              "node its own data-path / data-config / model-source / chat-template, or add allow-server-data=true / "
+              "allow-server-code=true")
     for i in range(n):
         node = {"partition-id": i, "num-partitions": n}
         if data:

@@ -856,8 +856,11 @@ def dotted_key(loc: tuple) -> str:
     return text
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """Turn pydantic's errors into lines naming the file, the dotted key and what is allowed."""
+def format_validation_error(error: ValidationError, source: str, *, quote_values: bool = True) -> str:
+    """Turn pydantic's errors into lines naming the file, the dotted key and what is allowed.
+
+    `quote_values=False` leaves out the "(got …)" values: the form a node may send about its own files.
+    """
     lines = [f"invalid config in {source}:"]
     for item in error.errors():
         loc = tuple(item["loc"])
@@ -870,7 +873,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             lines.append(f"  unknown key '{key}'{suggestion} (allowed here: {', '.join(allowed)})")
         else:
             given = item.get("input")
-            given_text = f" (got {given!r})" if not isinstance(given, dict) else ""
+            given_text = f" (got {given!r})" if quote_values and not isinstance(given, dict) else ""
             message = item["msg"].removeprefix("Value error, ")
             lines.append(f"  {message}" if not loc else f"  {key}: {message}{given_text}")
     return "\n".join(lines)

@@ -6,7 +6,21 @@ expected; the CLI prints them without a traceback.
 
 
 class FgrpoError(Exception):
-    """Base class: a user-facing error with a message that says what to fix."""
+    """Base class: a user-facing error with a message that says what to fix.
+
+    `public` is the message without anything a node keeps to itself (a data
+    cell, a completion, a reward function's own exception text, a value of
+    its node config): what may leave the node (`fgrpo.data.node_spec.public_message`).
+    None means the message names only keys, files and kinds of problem,
+    except for the types whose `may_quote_private` is set: their messages
+    leave a node only as their type, unless a `public` form is given.
+    """
+
+    may_quote_private = False
+
+    def __init__(self, *args: object, public: str | None = None) -> None:
+        super().__init__(*args)
+        self.public = public
 
 
 class ConfigError(FgrpoError):
@@ -22,8 +36,7 @@ class DataError(FgrpoError):
     """
 
     def __init__(self, message: str, *, public: str | None = None) -> None:
-        super().__init__(message)
-        self.public = message if public is None else public
+        super().__init__(message, public=message if public is None else public)
 
 
 class RewardError(FgrpoError):
@@ -31,7 +44,13 @@ class RewardError(FgrpoError):
 
 
 class ModelError(FgrpoError):
-    """A model folder or hub id cannot be loaded, or LoRA targets do not fit it."""
+    """A model folder or hub id cannot be loaded, or LoRA targets do not fit it.
+
+    Its messages may quote a loader's or a chat template's own text (from the
+    node's files), so they leave a node only in their `public` form.
+    """
+
+    may_quote_private = True
 
 
 class TrainingError(FgrpoError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -136,3 +137,91 @@ def test_a_data_config_with_only_rewards_keeps_the_runs_partition(tmp_path):
     context = node_context(config, **{"data-config": str(tmp_path / "owner.toml")})
     assert {ex.family for ex in node_data(context).train} == {"add", "sort"}  # the built-in families, partitioned
     assert [r.name for r in node_config_from_context(context).tasks.rewards] == ["partial_credit"]
+
+
+def test_model_and_template_paths_the_server_names_are_read_only_where_the_node_allows_it(tmp_path, monkeypatch):
+    from fgrpo.config import ModelConfig
+    from fgrpo.data.node_spec import node_model
+    from fgrpo.errors import ModelError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "local-model").mkdir(parents=True)
+    for source in ("tiny", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"):  # named models and hub ids
+        assert node_model(ModelConfig(source=source), NodeSpec()).source == source
+    for source in ("/etc", "/no/such/model", "./m", "~/m", "a/b/c", "model.gguf", "org/local-model"):
+        with pytest.raises(ModelError, match=r"cannot be used on this node") as refused:
+            node_model(ModelConfig(source=source), NodeSpec())
+        assert refused.value.public == str(refused.value)  # it may leave the node as it is
+        assert node_model(ModelConfig(source=source), NodeSpec(allow_server_data=True)).source == source
+    mine = node_model(ModelConfig(source="/etc"), NodeSpec(model_source="/models/mine"))
+    assert mine.source == "/models/mine"  # the node's own copy, whatever the run names
+
+
+def test_a_server_named_template_fails_the_same_way_whatever_the_node_holds(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from fgrpo.config import ModelConfig
+    from fgrpo.data.node_spec import node_model
+
+    (tmp_path / "present.jinja").write_text("{{ messages[0]['content'] }}")
+    (tmp_path / "latin1.jinja").write_bytes(b"\xe9")
+    (tmp_path / "locked.jinja").write_text("x")
+    real_read = Path.read_text
+
+    def read_text(path, *args, **kwargs):  # the tests run as root, which chmod cannot lock out
+        if path.name == "locked.jinja":
+            raise PermissionError(13, "Permission denied")
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+
+    def seen(name: str, spec: NodeSpec) -> str:
+        path = str(tmp_path / name)
+        with pytest.raises(ConfigError) as refused:
+            node_model(ModelConfig(chat_template=path), spec)
+        return str(refused.value).replace(path, "PATH")
+
+    views = {seen("present.jinja", NodeSpec())}  # refused: the node does not read files the server names
+    allowed = NodeSpec(allow_server_data=True)
+    os.mkfifo(tmp_path / "fifo.jinja")  # reading it would never end
+    views |= {seen(name, allowed) for name in ("missing.jinja", "locked.jinja", "latin1.jinja", "", "fifo.jinja")}
+    assert len(views) == 1 and "cannot be used on this node" in views.pop()
+    template = str(tmp_path / "present.jinja")
+    assert node_model(ModelConfig(chat_template=template), allowed).chat_template == template
+    own = node_model(ModelConfig(chat_template="/etc/passwd"), NodeSpec(chat_template=template))
+    assert own.chat_template == template  # the node's own template: the run's path is never opened
+    with pytest.raises(ConfigError) as missing:
+        node_model(ModelConfig(), NodeSpec(chat_template=str(tmp_path / "secret-name.jinja")))
+    assert "secret-name" in str(missing.value) and "secret-name" not in missing.value.public
+
+
+def test_node_config_values_stay_on_the_node(tmp_path):
+    from fgrpo.data.node_spec import public_message
+
+    (tmp_path / "owner.toml").write_text(f'size = "{SECRET}"\n[[families]]\nname = "add"\n')
+    with pytest.raises(ConfigError) as invalid:
+        load_node_data_config(tmp_path / "owner.toml")
+    assert SECRET in str(invalid.value)  # the node's own operator sees the value
+    assert SECRET not in public_message(invalid.value) and "size" in public_message(invalid.value)
+    with pytest.raises(ConfigError) as flag:
+        node_spec({"allow-server-data": SECRET})
+    assert SECRET not in public_message(flag.value) and "allow-server-data must be true or false" in public_message(flag.value)
+    with pytest.raises(ConfigError) as out_of_range:
+        node_data(node_context(config_from_dict(__import__("conftest").small_config_dict(tmp_path)),
+                               **{"partition-id": 4711, "num-partitions": 2}))
+    assert "4711" in str(out_of_range.value) and "4711" not in public_message(out_of_range.value)
+    missing, locked = FileNotFoundError(2, "No such file", "/x"), PermissionError(13, "Permission denied", "/x")
+    assert public_message(missing) == public_message(locked)
+
+
+def test_flower_commands_say_that_nodes_refuse_a_server_named_model_path(tmp_path):
+    from typer.testing import CliRunner
+
+    from fgrpo.cli import app
+
+    (tmp_path / "c.toml").write_text('[model]\nsource = "/models/mine"\nchat_template = "/models/chat.jinja"\n'
+                                     "[federation]\nnum_clients = 2\n")
+    result = CliRunner().invoke(app, ["flower", "commands", str(tmp_path / "c.toml")])
+    assert result.exit_code == 0, result.output
+    assert "the config names model.source, model.chat_template: SuperNodes refuse" in result.output
+    assert "model-source / chat-template" in result.output

@@ -306,3 +306,29 @@ def test_owner_rewards_keep_one_term_per_owner_and_function():
     assert terms.weights.tolist() == [1.0, 3.0]  # the same function, each owner's weight
     np.testing.assert_array_equal(terms.values, [[0.0, np.nan], [np.nan, 1.0], [1.0, np.nan]])
     np.testing.assert_array_equal(terms.scores, [0.0, 3.0, 1.0])
+
+
+def test_what_leaves_a_node_about_a_reward_quotes_none_of_its_text(tmp_path, monkeypatch):
+    from fgrpo.data.node_spec import public_message
+
+    secret = "SECRET-ANSWER-5-6"
+
+    def raises(prompts, completions, **kwargs):
+        raise ValueError(f"expected {secret}")
+
+    def returns_text(prompts, completions, **kwargs):
+        return [secret for _ in completions]
+
+    for fn in (raises, returns_text):
+        with pytest.raises(RewardError) as failed:
+            call_reward_function(fn, ["p"], ["c"], {})
+        assert secret in str(failed.value) and secret not in public_message(failed.value)
+        assert f"reward function {fn.__qualname__}" in public_message(failed.value)
+    (tmp_path / "broken_on_import.py").write_text(f"raise RuntimeError('{secret}')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as failed:
+        resolve_reward_function("broken_on_import:reward")
+    assert public_message(failed.value) == (
+        "reward function 'broken_on_import:reward': cannot import module 'broken_on_import' "
+        "(RuntimeError; its message stays in the node's log)"
+    )

@@ -238,8 +238,80 @@ def test_a_crafted_pickle_or_tampered_checkpoint_runs_no_code_and_is_refused(tmp
     data = bytearray((tmp_path / CHECKPOINT_NAME).read_bytes())
     data[-3] ^= 0xFF  # flip a bit in the arrays
     (tmp_path / CHECKPOINT_NAME).write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match="checksum does not match"):
+    with pytest.raises(ConfigError, match="was not written by fgrpo"):
         load_checkpoint(tmp_path)
+
+
+def rewrite_checkpoint(run_dir: Path, edit, digest) -> None:
+    """What someone who can write the run folder (but holds no key) can do: edit the state, recompute a digest."""
+    from safetensors import safe_open
+    from safetensors.numpy import save
+
+    path = run_dir / CHECKPOINT_NAME
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    fields = json.loads(metadata["fgrpo-checkpoint"])
+    edit(fields)
+    metadata["fgrpo-checkpoint"] = json.dumps(fields)
+    metadata["hmac-sha256"] = digest(metadata["fgrpo-checkpoint"], tensors)
+    path.write_bytes(save(tensors, metadata=metadata))
+
+
+def plain_sha256(state_json: str, tensors: dict) -> str:
+    """The unkeyed digest version 2 used: anyone can recompute it."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(state_json.encode("utf-8"))
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def test_a_checkpoint_is_trusted_only_if_fgrpo_wrote_it_with_this_users_key(tmp_path):
+    from fgrpo.federation import checkpoint
+    from fgrpo.federation.signing import signing_key
+
+    def negative_round(fields):
+        fields["server_round"] = -5
+
+    save_checkpoint(tmp_path, state(2))
+    rewrite_checkpoint(tmp_path, negative_round, plain_sha256)
+    with pytest.raises(ConfigError, match=r"was not written by fgrpo with this user's key") as refused:
+        load_checkpoint(tmp_path)
+    assert "Traceback" not in str(refused.value) and str(tmp_path) not in str(checkpoint.key_path())
+    save_checkpoint(tmp_path, state(2))
+    rewrite_checkpoint(tmp_path, negative_round, lambda text, tensors: checkpoint._digest(b"k" * 32, text, tensors))
+    with pytest.raises(ConfigError, match="was not written by fgrpo"):  # a key of one's own does not help
+        load_checkpoint(tmp_path)
+    rewrite_checkpoint(tmp_path, negative_round, lambda text, tensors: checkpoint._digest(signing_key(), text, tensors))
+    assert load_checkpoint(tmp_path).server_round == -5  # only the key holder (fgrpo) can sign a state
+
+
+def test_the_key_is_private_and_kept_outside_the_run_folder(tmp_path, monkeypatch):
+    import stat
+
+    from fgrpo.federation.signing import key_path, signing_key
+
+    monkeypatch.setenv("FGRPO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run", state(1))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [CHECKPOINT_NAME]
+    assert stat.S_IMODE(key_path().stat().st_mode) == 0o600
+    key = signing_key()
+    assert signing_key() == key and len(key) == 32  # made once, then read
+    key_path().chmod(0o644)
+    with pytest.raises(ConfigError, match=r"is not private.*chmod 600"):
+        load_checkpoint(tmp_path / "run")
+    key_path().chmod(0o600)
+    assert load_checkpoint(tmp_path / "run").server_round == 1
+    key_path().unlink()  # a new key: the old runs are no longer fgrpo's word
+    with pytest.raises(ConfigError, match="was not written by fgrpo"):
+        load_checkpoint(tmp_path / "run")
 
 
 def test_resume_refuses_a_missing_shortened_or_edited_metrics_file(tmp_path):
@@ -264,3 +336,49 @@ def test_resume_refuses_a_missing_shortened_or_edited_metrics_file(tmp_path):
         run_simulation(longer, progress=False, resume=True)
     metrics.write_bytes(original)
     assert run_simulation(longer, progress=False, resume=True)["rounds"] == 2
+
+
+def test_a_refused_resume_leaves_config_toml_as_it_was(tmp_path):
+    from conftest import small_config_dict
+    from fgrpo.deploy.runtime import run_simulation
+
+    run_simulation(config_from_dict(small_config_dict(tmp_path, federation={"rounds": 1})), progress=False)
+    run_dir = tmp_path / "run"
+    config_before = (run_dir / "config.toml").read_bytes()
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes()[:50])
+    longer = config_from_dict(small_config_dict(tmp_path, federation={"rounds": 2}))
+    with pytest.raises(ConfigError, match="shortened"):
+        run_simulation(longer, progress=False, resume=True)
+    assert (run_dir / "config.toml").read_bytes() == config_before
+
+
+def test_resume_never_truncates_metrics_on_a_checkpoints_word_alone(tmp_path):
+    """Even a checkpoint signed with the key (a bug, a stolen key) cannot make resume drop rounds it holds."""
+    import hashlib
+    from dataclasses import replace
+
+    from conftest import small_config_dict
+    from fgrpo.deploy.runtime import run_simulation
+
+    run_simulation(config_from_dict(small_config_dict(tmp_path, federation={"rounds": 1})), progress=False)
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    original = metrics.read_bytes()
+    honest = load_checkpoint(run_dir)
+    longer = config_from_dict(small_config_dict(tmp_path, federation={"rounds": 2}))
+    lies = {
+        "no metrics hash": replace(honest, metrics_offset=0, metrics_sha256=None),
+        "the hash of nothing": replace(honest, metrics_offset=0, metrics_sha256=hashlib.sha256(b"").hexdigest()),
+    }
+    for why, lie in lies.items():
+        save_checkpoint(run_dir, lie)
+        with pytest.raises(ConfigError, match="cannot resume: .*metrics.jsonl"):
+            run_simulation(longer, progress=False, resume=True)
+        assert metrics.read_bytes() == original, why
+    save_checkpoint(run_dir, honest)
+    metrics.write_bytes(original + b'{"kind": "round", "round": 2, "method": "fgrpo"}\n{"kind": "cl')  # a cut round
+    assert run_simulation(longer, progress=False, resume=True)["rounds"] == 2  # that round is dropped and redone
+    rounds = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
+    assert rounds[: original.count(b"\n")] == [json.loads(line)["round"] for line in original.decode().splitlines()]
+    assert rounds.count(2) >= 1 and all(r in (0, 1, 2) for r in rounds)

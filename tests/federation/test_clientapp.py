@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -152,3 +153,82 @@ def test_a_three_owner_run_in_process_trains_each_owner_on_its_own_reward(tmp_pa
     assert sorted(rewards) == [0, 1, 2]
     assert 0.0 <= rewards[0] <= 1.0 and -1.0 <= rewards[1] <= 1.0 and 0.0 <= rewards[2] <= 10.0
     assert np.isfinite(list(rewards.values())).all()
+
+
+def server_view(tmp_path, config, **node) -> str:
+    """What the server learns when the nodes fail: its error, and the failure records of metrics.jsonl."""
+    from fgrpo.errors import FederationError
+    from fgrpo.federation.clientapp import client_app
+    from fgrpo.federation.inprocess import InProcessGrid
+    from fgrpo.federation.server import run_federation
+
+    nodes = [{"partition-id": i, "num-partitions": 2, **node} for i in range(2)]
+    grid = InProcessGrid(client_app, nodes, run_config={CONFIG_KEY: dump_config(config)})
+    with pytest.raises(FederationError) as failed:
+        run_federation(grid, config, tmp_path / "run", progress=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    seen = str(failed.value).replace(str(tmp_path), "TMP") + (metrics.read_text() if metrics.exists() else "")
+    return re.sub(r"nodes \([^)]*\)", "nodes (…)", seen)  # node ids are drawn at random
+
+
+def test_a_reward_functions_message_never_leaves_the_node(tmp_path, monkeypatch, caplog):
+    from conftest import small_config_dict
+
+    (tmp_path / "leaky_reward.py").write_text(
+        "def reward(prompts, completions, answer, **kwargs):\n"
+        "    raise ValueError(f'expected SECRET-ANSWER-5-6, got {completions[0]!r}')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("fgrpo.federation.clientapp._LOGGED", set())  # the node logs each public text once
+    data = small_config_dict(tmp_path)
+    data["tasks"]["rewards"] = [{"name": "leaky_reward:reward"}]
+    data["federation"]["rounds"] = 1
+    with caplog.at_level("WARNING", logger="fgrpo.federation.clientapp"):
+        seen = server_view(tmp_path, config_from_dict(data), **SIMULATED)
+    assert "RewardError: reward function reward raised ValueError (its message stays in the node's log)" in seen
+    assert "SECRET-ANSWER" not in seen
+    assert "SECRET-ANSWER-5-6" in caplog.text  # the node's operator still reads it
+
+
+def test_a_chat_templates_own_error_never_leaves_the_node(tmp_path):
+    from conftest import small_config_dict
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{{ raise_exception('NODE-SECRET-42') }}")
+    data = small_config_dict(tmp_path)
+    data["model"]["chat_template"] = str(template)
+    seen = server_view(tmp_path, config_from_dict(data), **SIMULATED)
+    assert "ModelError: failed on this node with a message that may quote its files" in seen
+    assert "NODE-SECRET-42" not in seen
+    refused = server_view(tmp_path, config_from_dict(data))  # nodes that read no file the server names
+    assert "model.chat_template = 'TMP/chat.jinja' cannot be used on this node" in refused
+
+
+def test_a_server_named_model_path_looks_the_same_whether_it_exists_or_not(tmp_path):
+    from conftest import small_config_dict
+
+    def view(source: str, **node) -> str:
+        data = small_config_dict(tmp_path)
+        data["model"]["source"] = source
+        return server_view(tmp_path, config_from_dict(data), **node).replace(source, "SOURCE")
+
+    for node in ({}, SIMULATED):  # refused, or allowed and failing to load
+        seen = {view(source, **node) for source in ("/etc", "/no/such/fgrpo-model", "/tmp")}
+        assert len(seen) == 1, seen
+        assert "model.source = 'SOURCE' cannot be used on this node" in seen.pop()
+
+
+def test_a_nodes_own_model_source_is_not_sent_in_the_layout(tmp_path):
+    from flwr.app import Message, MessageType
+    from flwr.app import ConfigRecord
+
+    from fgrpo.federation import wire
+    from fgrpo.federation.clientapp import client_init
+    from fgrpo.federation.export import layout_from_text
+
+    config = config_from_dict(__import__("conftest").small_config_dict(tmp_path))
+    node = context(config, 0, **{"model-source": "tiny", "num-partitions": 2})
+    layout = layout_from_text(str(client_init(
+        Message(RecordDict({wire.CONFIG: ConfigRecord({})}), dst_node_id=100, message_type=MessageType.QUERY), node
+    ).content[wire.CONFIG][wire.CHECKPOINT_LAYOUT]))
+    assert json.loads(layout["files"]["adapter_config.json"])["base_model_name_or_path"] == config.model.source

@@ -50,3 +50,23 @@ def test_arrays_that_do_not_match_the_layout_are_refused(tmp_path):
         save_weights(tmp_path, {"b": np.zeros(2, np.float32)}, layout)
     with pytest.raises(FederationError, match="layout"):
         layout_from_text('{"files": {}}')
+
+
+def test_adapter_config_lists_target_modules_in_one_order_whatever_order_peft_used(tmp_path):
+    """peft writes target_modules in set order, which differs between processes; the written folder must not."""
+    import json
+
+    layout = checkpoint_layout(lora_model())
+    peft_text = layout["files"]["adapter_config.json"]
+    modules = sorted(json.loads(peft_text)["target_modules"])
+    assert peft_text == json.dumps(json.loads(peft_text), indent=2)  # peft's own formatting, which we keep
+    arrays = {name: np.zeros(1, np.float32) for name in layout["names"]}
+    written = []
+    for order in (modules, modules[::-1]):  # the two orders two processes can give
+        config = json.loads(peft_text)
+        config["target_modules"] = order
+        files = {"adapter_config.json": json.dumps(config, indent=2)}
+        save_weights(tmp_path / "-".join(order), arrays, {**layout, "files": files})
+        written.append((tmp_path / "-".join(order) / "adapter_config.json").read_text())
+    assert written[0] == written[1]
+    assert json.loads(written[0])["target_modules"] == modules and len(modules) == 2

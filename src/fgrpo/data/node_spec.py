@@ -10,7 +10,11 @@ The run config the server sends carries hyperparameters; it may name files
   owner spec: `[[families]]`, `[[files]]`, `[[sources]]`, `[[rewards]]`,
   `reward_scale`, `size` (the keys of a `[[federation.clients]]` entry,
   `fgrpo.config.OwnerConfig`; relative paths are relative to that file);
-- `allow-server-data = true`: read the files the run config names;
+- `model-source = "/models/smollm2"`, `chat-template = "/models/chat.jinja"`:
+  the node's own copy of the model and its own chat template, used instead of
+  the run's `model.source` / `model.chat_template`;
+- `allow-server-data = true`: read the files the run config names (data files,
+  and a `model.source` or `model.chat_template` that is a path on the node);
 - `allow-server-code = true`: import the `module:function` rewards it names.
 
 `fgrpo run` (one process that is the server and every node) passes both
@@ -19,8 +23,16 @@ owners (`[[federation.clients]]`), node `partition-id = k` takes entry k and
 only entry k: its data (read only with allow-server-data when it names files)
 and its rewards (imported only with allow-server-code when they name code).
 
-Errors that leave the node carry no data values: `public_message` keeps the
-file, line and key of a data error and the kind of problem, never a cell.
+A run's `model.source` may name a model (`tiny`, a registry name, a hub id)
+or a path on the node; `model.chat_template` may be `auto`, `none` or a path.
+A path is read only with allow-server-data, and every way a server-named path
+can fail (refused, missing, unreadable, not a model) gives one message, so
+the server cannot learn which paths exist on the node.
+
+Errors that leave the node carry no private values: `public_message` keeps
+the file, line and key of an error and the kind of problem, never a data
+cell, a completion, a reward function's own exception text or a value of the
+node's config.
 """
 
 from __future__ import annotations
@@ -33,8 +45,8 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from fgrpo.config import MAX_SEED, OwnerConfig, TasksConfig, format_validation_error
-from fgrpo.errors import ConfigError, DataError, FgrpoError
+from fgrpo.config import MAX_SEED, ModelConfig, OwnerConfig, TasksConfig, format_validation_error
+from fgrpo.errors import ConfigError, DataError, FgrpoError, ModelError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,6 +57,11 @@ DATA_PATH = "data-path"
 DATA_CONFIG = "data-config"
 ALLOW_SERVER_DATA = "allow-server-data"
 ALLOW_SERVER_CODE = "allow-server-code"
+MODEL_SOURCE = "model-source"
+CHAT_TEMPLATE = "chat-template"
+
+# The model.chat_template values that name no file.
+NAMED_TEMPLATES = ("auto", "none")
 
 
 # A node's data-config file holds one owner spec: the keys of a [[federation.clients]] entry.
@@ -59,6 +76,8 @@ class NodeSpec:
     data: NodeDataConfig | None = None
     allow_server_data: bool = False
     allow_server_code: bool = False
+    model_source: str = ""
+    chat_template: str = ""
 
     @property
     def owns_data(self) -> bool:
@@ -71,7 +90,10 @@ def _flag(node_config: Mapping, key: str) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if not isinstance(value, bool):
-        raise ConfigError(f"node config {key} = {value!r} must be true or false")
+        raise ConfigError(
+            f"node config {key} = {value!r} must be true or false",
+            public=f"node config {key} must be true or false (its value stays on the node)",
+        )
     return value
 
 
@@ -99,7 +121,10 @@ def load_node_data_config(path: str | Path) -> NodeDataConfig:
     try:
         spec = NodeDataConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where).replace("\n", "; ")) from None
+        raise ConfigError(
+            format_validation_error(exc, where).replace("\n", "; "),
+            public=format_validation_error(exc, where, quote_values=False).replace("\n", "; "),
+        ) from None
     folder = path.resolve().parent
     return spec.model_copy(
         update={
@@ -117,7 +142,85 @@ def node_spec(node_config: Mapping) -> NodeSpec:
         data=load_node_data_config(data_config) if data_config else None,
         allow_server_data=_flag(node_config, ALLOW_SERVER_DATA),
         allow_server_code=_flag(node_config, ALLOW_SERVER_CODE),
+        model_source=str(node_config.get(MODEL_SOURCE, "") or ""),
+        chat_template=str(node_config.get(CHAT_TEMPLATE, "") or ""),
     )
+
+
+def names_a_path(source: str) -> bool:
+    """Whether loading `model.source` would read this node's disk (a folder or file), rather than build the tiny
+    model, look up a named model or fetch a hub id ('org/name').
+
+    Anything that exists under that name on the node counts, as the loader
+    would open it; so does anything spelled as a path, whether it exists or not.
+    """
+    if source == "tiny":
+        return False
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or source.endswith(".gguf"):
+        return True
+    try:
+        return Path(source).expanduser().exists()
+    except (OSError, ValueError):  # a name the filesystem rejects (a NUL byte, too long)
+        return True
+
+
+def unusable_source(source: str) -> str:
+    """The one message for every way a server-named model.source can fail on a node: nothing in it says why.
+    Short enough that the server's failure records keep it whole."""
+    return (
+        f"model.source = '{source}' cannot be used on this node: it loads 'tiny', a named model, a hub id it can "
+        f"fetch, its own --node-config '{MODEL_SOURCE}=…', or a path the run names only with "
+        f"'{ALLOW_SERVER_DATA}=true' (details in the node's log)"
+    )
+
+
+def unusable_template(template: str) -> str:
+    """The one message for every way a server-named model.chat_template can fail on a node."""
+    return (
+        f"model.chat_template = '{template}' cannot be used on this node: it reads its own --node-config "
+        f"'{CHAT_TEMPLATE}=…', or a file the run names only with '{ALLOW_SERVER_DATA}=true', and only readable "
+        "UTF-8 text (details in the node's log)"
+    )
+
+
+def _readable_text(path: str) -> bool:
+    """A regular file of UTF-8 text (a FIFO or a device such as /dev/zero would never finish reading)."""
+    try:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            return False
+        file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
+def node_model(model: ModelConfig, spec: NodeSpec) -> ModelConfig:
+    """The [model] this node loads: its own model-source / chat-template, else the run's, whose paths it reads
+    only with allow-server-data.
+
+    A server-named path that is refused, missing, unreadable or not UTF-8 text
+    gives one message (`unusable_source`, `unusable_template`), so a refusal
+    tells the server nothing about the node's files. A node's own setting is
+    its own: an error about it does not quote it.
+    """
+    update: dict[str, str] = {}
+    if spec.model_source:
+        update["source"] = spec.model_source
+    elif names_a_path(model.source) and not spec.allow_server_data:
+        # A ModelError, as when the loader fails: a refused path and a missing hub id look the same.
+        raise ModelError(unusable_source(model.source), public=unusable_source(model.source))
+    if spec.chat_template:
+        if spec.chat_template not in NAMED_TEMPLATES and not _readable_text(spec.chat_template):
+            raise ConfigError(
+                f"node config {CHAT_TEMPLATE} = '{spec.chat_template}': no readable UTF-8 template file there",
+                public=f"node config {CHAT_TEMPLATE}: no readable UTF-8 template file there",
+            )
+        update["chat_template"] = spec.chat_template
+    elif model.chat_template not in NAMED_TEMPLATES:
+        if not (spec.allow_server_data and _readable_text(model.chat_template)):
+            raise ConfigError(unusable_template(model.chat_template))
+    return model.model_copy(update=update) if update else model
 
 
 def server_paths(tasks: TasksConfig) -> list[str]:
@@ -125,6 +228,12 @@ def server_paths(tasks: TasksConfig) -> list[str]:
     return [f"tasks.files[{i}].path" for i in range(len(tasks.files))] + [
         f"tasks.sources[{i}].path" for i in range(len(tasks.sources))
     ]
+
+
+def server_model_paths(model: ModelConfig) -> list[str]:
+    """The keys of the run config's [model] that name a path on the nodes (see `names_a_path`)."""
+    named = {"model.source": names_a_path(model.source), "model.chat_template": model.chat_template not in NAMED_TEMPLATES}
+    return [key for key, is_path in named.items() if is_path]
 
 
 def server_code(tasks: TasksConfig) -> list[str]:
@@ -188,7 +297,9 @@ def run_owner(owners: list[OwnerConfig], spec: NodeSpec, partition_id: int) -> t
     if not 0 <= partition_id < len(owners):
         raise ConfigError(
             f"node config partition-id = {partition_id}, but federation.clients lists {len(owners)} owners "
-            f"(partition-id must be in 0..{len(owners) - 1})"
+            f"(partition-id must be in 0..{len(owners) - 1})",
+            public=f"node config partition-id is not one of the {len(owners)} owners of federation.clients "
+            f"(it must be in 0..{len(owners) - 1})",
         )
     return partition_id, owners[partition_id]
 
@@ -245,16 +356,21 @@ def node_tasks(
 
 
 def public_message(error: BaseException) -> str:
-    """What may leave the node about an error while reading its data: where and what kind, never a value.
+    """What may leave the node about an error: where and what kind, never a private value.
 
-    A DataError carries its value-free form in `public`; fgrpo's other errors
-    name keys and files only; anything else (an OSError, a parser's own error,
-    which may quote the file) is reduced to its type.
+    An fgrpo error's value-free form is its `public` text when it has one, else
+    its message (which names keys and files only), except for the types that
+    may quote the node's files (`may_quote_private`): those leave as their
+    type. Anything else (an OSError, a parser's or a library's own error,
+    which may quote a file) is reduced to its type, and every OSError to one
+    text, so that a missing file and an unreadable one look the same.
     """
-    if isinstance(error, DataError):
-        return getattr(error, "public", None) or "a data file of this node is malformed"
     if isinstance(error, FgrpoError):
-        return str(error)
-    if isinstance(error, OSError):
-        return f"{type(error).__name__} ({error.strerror or 'no detail'}) while reading this node's data"
-    return f"{type(error).__name__} while reading this node's data (details stay on the node)"
+        if error.public:
+            return error.public
+        if type(error).may_quote_private:
+            return "failed on this node with a message that may quote its files, so it stays in the node's log"
+        return str(error) if not isinstance(error, DataError) else "a data file of this node is malformed"
+    if isinstance(error, OSError):  # one text for all: a missing file and an unreadable one look the same
+        return "a file on this node could not be read or written (the details stay in the node's log)"
+    return f"{type(error).__name__} on this node (the details stay in the node's log)"

@@ -132,7 +132,9 @@ def resolve_reward_function(name_or_path: str) -> RewardFunction:
         target = importlib.import_module(module_name)
     except Exception as exc:  # ModuleNotFoundError, or the module itself failed while importing
         raise ConfigError(
-            f"reward function '{name_or_path}': cannot import module '{module_name}' ({type(exc).__name__}: {exc})"
+            f"reward function '{name_or_path}': cannot import module '{module_name}' ({type(exc).__name__}: {exc})",
+            public=f"reward function '{name_or_path}': cannot import module '{module_name}' ({type(exc).__name__}; "
+            "its message stays in the node's log)",
         ) from exc
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -186,7 +188,10 @@ def call_reward_function(fn: RewardFunction, prompts: list, completions: list, c
     try:
         output = fn(prompts=prompts, completions=completions, **columns)
     except Exception as exc:
-        raise RewardError(f"reward function {name} raised {type(exc).__name__}: {exc}") from exc
+        raise RewardError(  # its text may quote a completion or an answer: only the type leaves the node
+            f"reward function {name} raised {type(exc).__name__}: {exc}",
+            public=f"reward function {name} raised {type(exc).__name__} (its message stays in the node's log)",
+        ) from exc
     if not isinstance(output, (list, tuple)) and hasattr(output, "tolist"):
         output = output.tolist()  # a 1-D numpy array or tensor is fine too
     if not isinstance(output, (list, tuple)):
@@ -201,7 +206,9 @@ def call_reward_function(fn: RewardFunction, prompts: list, completions: list, c
         if not isinstance(value, numbers.Real):
             raise RewardError(
                 f"reward function {name} returned a non-numeric value at index {i}: {value!r} "
-                f"({type(value).__name__}); expected a float or None"
+                f"({type(value).__name__}); expected a float or None",
+                public=f"reward function {name} returned a non-numeric value at index {i} ({type(value).__name__}); "
+                "expected a float or None",
             )
         value = float(value)
         if not math.isfinite(value):

@@ -6,13 +6,20 @@ the RNG states the server consumes (Flower samples clients with `random`, its
 DP noise uses NumPy's global RNG), the in-process clients' persistent state,
 the round number and the length and hash of metrics.jsonl at that round.
 Resuming truncates metrics.jsonl back to that length, so a run killed at any
-point and resumed writes exactly the records an uninterrupted run writes.
+point and resumed writes exactly the records an uninterrupted run writes; it
+does so only when the file's first bytes still hash to the checkpoint's and
+every record after them belongs to a later round (`server.check_metrics_prefix`).
 
-Format (version 2): one safetensors file. The arrays are its tensors; the rest
-is JSON in its metadata, with a format version and a SHA-256 over the JSON and
-every tensor's bytes. Loading parses JSON and raw arrays only, so a crafted
-checkpoint can fail to load but cannot run code (version 1 was a pickle, which
-could). The file is written atomically (temp file, fsync, rename, fsync of the
+Format (version 3): one safetensors file. The arrays are its tensors; the rest
+is JSON in its metadata, with a format version and an HMAC-SHA-256 over the
+JSON and every tensor's bytes, keyed with this user's key
+(`fgrpo.federation.signing`), which lives outside every run folder: a
+checkpoint is trusted only if fgrpo wrote it. A plain hash (version 2) could
+be recomputed by anyone who can write the run folder, so a crafted state
+(`server_round = -5`, `metrics_offset = 0`) passed; version 2 checkpoints are
+refused, since nothing tells them apart from crafted ones. Loading parses JSON
+and raw arrays only, so even a checkpoint with a stolen key cannot run code
+(version 1 was a pickle, which could). The file is written atomically (temp file, fsync, rename, fsync of the
 directory): a crash or a full disk while writing leaves the previous
 checkpoint intact.
 """
@@ -20,9 +27,9 @@ checkpoint intact.
 from __future__ import annotations
 
 import errno
-import os
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +39,11 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fgrpo.errors import ConfigError, FederationError
+from fgrpo.federation.signing import key_path, keyed_digest, same_digest, signing_key
 from fgrpo.federation.wire import arrays_to_record, record_to_arrays
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 METADATA_KEY = "fgrpo-checkpoint"
 
 # Mutable attributes of Flower's strategies and ours that change from round to round.
@@ -195,13 +203,17 @@ def _decode(value: Any, tensors: dict[str, np.ndarray]) -> Any:
     return {k: _decode(v, tensors) for k, v in value.items()}
 
 
-def _digest(state_json: str, tensors: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256(state_json.encode("utf-8"))
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+def _digest(key: bytes, state_json: str, tensors: dict[str, np.ndarray]) -> str:
+    """The keyed digest of a checkpoint's JSON state and every tensor (name, dtype, shape and bytes)."""
+
+    def parts():
+        yield state_json.encode("utf-8")
+        for name in sorted(tensors):
+            array = np.ascontiguousarray(tensors[name])
+            yield f"{name}|{array.dtype.str}|{array.shape}|".encode()
+            yield array.tobytes()
+
+    return keyed_digest(key, parts())
 
 
 def file_sha256(path: Path, limit: int | None = None) -> str:
@@ -229,7 +241,7 @@ def save_checkpoint(run_dir: Path, state: ServerState) -> Path:
         METADATA_KEY: state_json,
         "format": "fgrpo-server-checkpoint",
         "version": str(FORMAT_VERSION),
-        "sha256": _digest(state_json, encoder.tensors),
+        "hmac-sha256": _digest(signing_key(), state_json, encoder.tensors),
     }
     path = Path(run_dir) / CHECKPOINT_NAME
     atomic_write_bytes(path, save(encoder.tensors, metadata=metadata))
@@ -260,8 +272,11 @@ def load_checkpoint(run_dir: Path) -> ServerState:
     if metadata.get("format") != "fgrpo-server-checkpoint" or metadata.get("version") != str(FORMAT_VERSION):
         raise ConfigError(f"cannot resume: '{path}' is not an fgrpo checkpoint of format version {FORMAT_VERSION}")
     state_json = metadata.get(METADATA_KEY, "")
-    if metadata.get("sha256") != _digest(state_json, tensors):
-        raise ConfigError(f"cannot resume: checkpoint '{path}' is damaged (its checksum does not match its contents)")
+    if not same_digest(metadata.get("hmac-sha256", ""), _digest(signing_key(), state_json, tensors)):
+        raise ConfigError(
+            f"cannot resume: checkpoint '{path}' was not written by fgrpo with this user's key '{key_path()}' "
+            "(it is damaged, was edited, or was signed with another key); start the run again in a new directory"
+        )
     try:
         fields = _decode(json.loads(state_json), tensors)
         state = ServerState(**fields)

@@ -5,12 +5,15 @@ The run config carries the whole resolved fgrpo config as TOML text
 each node's own data and reward code come from its node config
 (`partition-id` / `num-partitions`, `data-path` or `data-config`; see
 `fgrpo.data.node_spec`): files and modules the run config names are read only
-where the node allows it. What goes over the wire is
-`fgrpo.federation.wire`'s contract.
+where the node allows it, and so are the model folder and chat template file
+it names (the node may give its own). What goes over the wire is
+`fgrpo.federation.wire`'s contract; an error leaves the node only in its
+value-free form (`private_errors_mod`), the full one stays in the node's log.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +41,9 @@ from fgrpo.federation.fedsa import personal_part, personalize, shared_part
 from fgrpo.federation.hetlora import truncate, zero_beyond
 from fgrpo.federation.wire import arrays_to_record, config_from_context, config_from_text, record_to_arrays
 from fgrpo.registry import PERSONAL_METHODS
+
+logger = logging.getLogger(__name__)
+
 
 def node_config_from_context(context: Context) -> Config:
     """The run config as this node uses it (its own data and reward code, `data.node_spec`)."""
@@ -147,9 +153,49 @@ def node_rewards_key(context: Context) -> str:
     return "tasks.rewards"
 
 
+@lru_cache(maxsize=64)
+def _node_model_text(config_text: str, node_items: tuple) -> str:
+    """The run config with the [model] this node loads (`data.node_spec.node_model`): its own model-source and
+    chat-template, else the run's, whose paths it reads only with allow-server-data."""
+    from fgrpo.config import dump_config
+    from fgrpo.data.node_spec import node_model, node_spec
+
+    config = config_from_text(config_text)
+    model = node_model(config.model, node_spec(dict(node_items)))
+    return config_text if model is config.model else dump_config(config.model_copy(update={"model": model}))
+
+
+def node_learner(context: Context) -> GRPOLearner:
+    """The process's policy for this node's [model]; a model that fails to load says only that it failed.
+
+    Whatever the loader says (a folder without config.json, a permission
+    error, a hub error) stays in the node's log: from the server, a path that
+    is missing, unreadable or not a model looks like one the node refuses.
+    """
+    from fgrpo.data.node_spec import MODEL_SOURCE, unusable_source
+    from fgrpo.errors import FgrpoError, ModelError
+
+    node_items = tuple(sorted(context.node_config.items()))
+    run_text = wire.config_text(context)
+    text = learner_config_text(_node_model_text(run_text, node_items))
+    try:
+        return _shared_learner(text)
+    except Exception as error:  # noqa: BLE001 - only fgrpo's value-free errors pass as they are
+        if isinstance(error, FgrpoError) and not isinstance(error, ModelError):
+            raise
+        own = bool(dict(node_items).get(MODEL_SOURCE))
+        public = (
+            f"node config {MODEL_SOURCE}: the model cannot be loaded (the details stay in the node's log)"
+            if own
+            else unusable_source(config_from_text(run_text).model.source)
+        )
+        message = str(error) if isinstance(error, ModelError) else f"{type(error).__name__}: {error}"
+        raise ModelError(message, public=public) from error
+
+
 def shared_learner(context: Context) -> GRPOLearner:
     """The process's policy, scoring with this node's reward functions (clients run one at a time in a process)."""
-    learner = _shared_learner(learner_config_text(wire.config_text(context)))
+    learner = node_learner(context)
     learner.reward = _node_reward(node_config_text(context), node_rewards_key(context))
     return learner
 
@@ -174,7 +220,10 @@ def _client_data(
     if not 0 <= partition_id < num_partitions:
         from fgrpo.errors import ConfigError
 
-        raise ConfigError(f"node config partition-id = {partition_id} must be in 0..{num_partitions - 1} (num-partitions)")
+        raise ConfigError(
+            f"node config partition-id = {partition_id} must be in 0..{num_partitions - 1} (num-partitions)",
+            public=f"node config partition-id must be in 0..{num_partitions - 1} (num-partitions)",
+        )
     return _partitioned(config_text, num_partitions)[partition_id]
 
 
@@ -275,6 +324,38 @@ def node_data(context: Context) -> ClientData:
         raise DataError(public_message(error)) from None
 
 
+_LOGGED: set[str] = set()
+
+
+def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
+    """Errors leave the node only in their value-free form (`data.node_spec.public_message`).
+
+    Flower sends a ClientApp's exception text to the server. A reward
+    function's own message may quote a completion or an answer, a loader's
+    may quote a file, a node-config error its value: the server gets the
+    file, line, key and kind of problem, and the node's log keeps the full
+    message (the first one behind each public text, not one per round and
+    client).
+    """
+    from fgrpo.data.node_spec import public_message
+    from fgrpo.errors import FgrpoError
+
+    try:
+        return call_next(msg, context)
+    except Exception as error:  # noqa: BLE001 - re-raised, in its public form
+        public = public_message(error)
+        full = f"{type(error).__name__}: {error}"
+        if public != str(error) and public not in _LOGGED and len(_LOGGED) < 1024:
+            _LOGGED.add(public)
+            logger.warning("this node's ClientApp failed (the server is told only: %s): %s", public, full)
+        kind = type(error) if isinstance(error, FgrpoError) else FgrpoError
+        try:
+            replacement = kind(public)
+        except TypeError:  # an error type with a constructor of its own
+            replacement = FgrpoError(public)
+        raise replacement from None
+
+
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """Client-side DP clipping: ‖θ_k − θ_t‖ ≤ C when the server's DP wrapper sends a clipping norm C.
 
@@ -335,7 +416,7 @@ def personal_arrays(context: Context) -> dict[str, np.ndarray] | None:
     return record_to_arrays(context.state[wire.PERSONAL_KEY]) if wire.PERSONAL_KEY in context.state else None
 
 
-client_app = ClientApp(mods=[dp_clipping_mod])
+client_app = ClientApp(mods=[private_errors_mod, dp_clipping_mod])  # the first mod is the outermost
 
 
 @client_app.train()
@@ -413,9 +494,24 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
+def shared_layout(layout: dict, context: Context) -> dict:
+    """The checkpoint layout as the server may see it: peft records the base model's path in adapter_config.json,
+    and a node's own model-source is its own, so the run's model.source stands there instead."""
+    import json
+
+    from fgrpo.data.node_spec import MODEL_SOURCE
+
+    text = layout["files"].get("adapter_config.json")
+    if text is None or not context.node_config.get(MODEL_SOURCE):
+        return layout
+    adapter_config = json.loads(text)
+    adapter_config["base_model_name_or_path"] = config_from_text(wire.config_text(context)).model.source
+    return {**layout, "files": {**layout["files"], "adapter_config.json": json.dumps(adapter_config, indent=2)}}
+
+
 @client_app.query()
 def client_init(msg: Message, context: Context) -> Message:
     """θ₀ and the checkpoint layout, for a server that holds no model (asked once, before round 0)."""
     model = shared_learner(context).model
-    layout = ConfigRecord({wire.CHECKPOINT_LAYOUT: export_layout_text(checkpoint_layout(model))})
+    layout = ConfigRecord({wire.CHECKPOINT_LAYOUT: export_layout_text(shared_layout(checkpoint_layout(model), context))})
     return Message(RecordDict({wire.ARRAYS: arrays_to_record(get_trainable_arrays(model)), wire.CONFIG: layout}), reply_to=msg)

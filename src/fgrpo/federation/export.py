@@ -7,6 +7,11 @@ the server keeps that description and writes the global arrays with the
 `safetensors` numpy API. With LoRA the result is a peft adapter folder
 (`adapter_config.json` + `adapter_model.safetensors`) that
 `PeftModel.from_pretrained` loads.
+
+peft keeps `target_modules` as a Python set and writes it in the set's order,
+which string hashing changes from one process to the next; the server writes
+such lists sorted, so two identical runs give the same bytes in every file of
+the adapter folder, not only in the weights.
 """
 
 from __future__ import annotations
@@ -31,11 +36,34 @@ def save_weights(directory: str | Path, arrays: Mapping[str, np.ndarray], layout
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in layout["files"].items():
-        (directory / name).write_text(text)
+        (directory / name).write_text(canonical_file(name, text))
     path = directory / layout["weights_file"]
     # metadata {"format": "pt"}: what transformers and peft write and check for.
     save_file({names[k]: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata={"format": "pt"})
     return path
+
+
+# Keys of adapter_config.json that peft holds as sets: their order carries no meaning.
+UNORDERED_KEYS = ("target_modules", "exclude_modules")
+
+
+def canonical_file(name: str, text: str) -> str:
+    """`text` with adapter_config.json's set-valued lists sorted, formatted as peft formats it; other files as they are."""
+    if name != "adapter_config.json":
+        return text
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(config, dict):
+        return text
+    changed = False
+    for key in UNORDERED_KEYS:
+        value = config.get(key)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value) and value != sorted(value):
+            config[key] = sorted(value)
+            changed = True
+    return json.dumps(config, indent=2) if changed else text  # peft: json.dumps(sorted keys, indent=2)
 
 
 def layout_to_text(layout: dict) -> str:

@@ -18,6 +18,7 @@ transformers: θ₀ and the layout of the final weights come from a client
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -168,11 +169,46 @@ def check_metrics_prefix(path: Path, state: ServerState) -> None:
             f"cannot resume: '{path}' has {size} bytes but the checkpoint of round {state.server_round} recorded "
             f"{state.metrics_offset}; it was shortened. Restore it, or start the run again in a new directory"
         )
-    if state.metrics_sha256 is not None and file_sha256(path, state.metrics_offset) != state.metrics_sha256:
+    if state.metrics_sha256 is None:
+        raise ConfigError(
+            f"cannot resume: the checkpoint of round {state.server_round} records no hash of '{path}', so fgrpo "
+            "cannot check what resuming would drop from it; start the run again in a new directory"
+        )
+    if file_sha256(path, state.metrics_offset) != state.metrics_sha256:
         raise ConfigError(
             f"cannot resume: '{path}' was edited after the checkpoint of round {state.server_round} (its first "
             f"{state.metrics_offset} bytes differ). Restore it, or start the run again in a new directory"
         )
+    dropped = _records_beyond(path, state.metrics_offset, state.server_round)
+    if dropped is not None:
+        raise ConfigError(
+            f"cannot resume: resuming would cut '{path}' back to byte {state.metrics_offset} (the checkpoint of round "
+            f"{state.server_round}), but what follows {dropped}. Restore the file, or start the run again in a new "
+            "directory"
+        )
+
+
+def _records_beyond(path: Path, offset: int, server_round: int) -> str | None:
+    """What is wrong with dropping metrics.jsonl's bytes after `offset`, or None when they are only the records
+    of rounds after `server_round` (the round a crash cut short, its last line perhaps half-written).
+
+    Resuming truncates the file to `offset`: this is the check that nothing else would go.
+    """
+    with open(path, "rb") as handle:
+        if offset > 0:
+            handle.seek(offset - 1)
+            if handle.read(1) != b"\n":
+                return "starts inside a record"
+        lines = handle.read().split(b"\n")
+    for number, line in enumerate(lines[:-1]):  # the last piece has no newline: a write the crash cut short
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return f"has a line that is not JSON (line {number + 1} after that byte)"
+        later = isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] > server_round
+        if not later:
+            return "holds records of rounds the checkpoint already covers"
+    return None
 
 
 def resume_state(run_dir: Path, config: Config) -> ServerState:
@@ -424,6 +460,8 @@ def run_federation(
     removes what it wrote and puts the previous run back.
     """
     state = resume_state(Path(run_dir), config) if resume else None
+    if state is not None:  # refused before anything in RUN_DIR changes (config.toml included)
+        check_metrics_prefix(Path(run_dir) / "metrics.jsonl", state)
     with run_directory(run_dir, overwrite=overwrite, resume=resume) as directory:
         return _run(grid, config, directory, state, progress)
 
@@ -432,7 +470,6 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
     fed = config.federation
     seed = config.training.seed
     run_dir = directory.path
-    write_config(run_dir, config)
     check_report_to(config)
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
@@ -449,10 +486,11 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
         if state.grid_state is not None and hasattr(grid, "load_state_dict"):
             grid.load_state_dict(state.grid_state)
         node_clients = dict(state.extra.get("node_clients", {}))
-        check_metrics_prefix(run_dir / "metrics.jsonl", state)
+        check_metrics_prefix(run_dir / "metrics.jsonl", state)  # again, right before the only truncation
         with open(run_dir / "metrics.jsonl", "r+b") as handle:  # drop records of the round the crash cut short
             handle.truncate(state.metrics_offset)
         first_round, elapsed = state.server_round + 1, state.elapsed_s
+    write_config(run_dir, config)  # only once a resume is accepted: a refused one leaves config.toml as it was
 
     trackers = open_trackers(run_dir, config, name=f"{fed.method}-seed{seed}")
     with MetricsWriter(run_dir, fed.method, seed, trackers) as writer, progress_bar(progress) as bar:
