@@ -15,12 +15,22 @@ from flwr.clientapp import ClientApp
 from fgrpo.federation import wire
 
 DIE_KEY = "die-partition"  # run config: the partition whose worker process exits in train (-1: none)
+SLEEP_KEY = "sleep-partition"  # run config: the partition whose train call sleeps for an hour (-1: none)
 
 
 def square_or_die(value: int) -> tuple[int, int]:
     """value² and the worker's pid; a negative value kills the worker process."""
     if value < 0:
         os._exit(3)
+    return value * value, os.getpid()
+
+
+def square_or_sleep(value: int) -> tuple[int, int]:
+    """value² and the worker's pid; a negative value sleeps for an hour (a call stuck in user code)."""
+    import time
+
+    if value < 0:
+        time.sleep(3600)
     return value * value, os.getpid()
 
 
@@ -73,6 +83,10 @@ def _train(msg: Message, context: Context, die_partition: int) -> Message:
     calls = _calls(context)
     if pid == die_partition:
         os._exit(3)
+    if pid == int(context.run_config.get(SLEEP_KEY, -1)):
+        import time
+
+        time.sleep(3600)
     arrays = {k: Array(v.numpy() + (pid + 1)) for k, v in msg.content[wire.ARRAYS].items()}
     metrics = {wire.CLIENT_ID: pid, wire.NUM_EXAMPLES: 10 * (pid + 1), wire.REWARD_MEAN: 0.5 * calls,
                wire.REWARD_STD: 0.1, wire.ACCURACY: 0.5, wire.TRAIN_TIME: 0.0, wire.UNIT_WEIGHT: 1,
