@@ -274,3 +274,27 @@ def test_reward_code_cannot_end_silence_or_hang_a_one_worker_run(tmp_path, monke
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and expected in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_fgrpo_run_applies_the_methods_tuned_values_as_compare_does(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import fgrpo.federation.server as server
+    from conftest import small_config_dict
+    from fgrpo.cli import app
+    from fgrpo.config import dump_config
+
+    ran = []
+
+    def fake_run_federation(grid, config, run_dir, **kwargs):
+        ran.append(config)
+        return {"method": config.federation.method, "rounds": 1, "initial/acc_heldout": 0.0, "final/acc_heldout": 0.0, "wall_s": 0.0}
+
+    monkeypatch.setattr(server, "run_federation", fake_run_federation)
+    data = small_config_dict(tmp_path, federation={"method": "fedavg"})
+    data["tuned"] = {"fedavg": {"values": {"grpo.learning_rate": 0.00421}}, "fgrpo": {"values": {"grpo.learning_rate": 0.9}}}
+    (tmp_path / "scenario.toml").write_text(dump_config(config_from_dict(data)))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "scenario.toml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [config.grpo.learning_rate for config in ran] == [0.00421]  # fedavg's tuned value, not fgrpo's
+    assert "[tuned.fedavg]" in result.output and "grpo.learning_rate = 0.00421" in result.output

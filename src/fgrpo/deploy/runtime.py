@@ -97,17 +97,21 @@ def run_simulation(
 ) -> dict:
     """Run one federated experiment in this process (or continue it from its checkpoint); returns the summary.
 
+    The method runs with its `[tuned.<method>]` values (`fgrpo tune --write`), as in a comparison.
+
     With more than one worker (`execution_plan`), the clients run in worker processes:
     `pool` (a `WorkerPool` the caller owns, e.g. shared by a comparison's runs) or a
     pool started for this run and stopped at its end.
     """
     quiet_flower_logs()
+    from fgrpo.config import apply_tuned
     from fgrpo.core.pipeline import resolve_model_source
     from fgrpo.federation.inprocess import InProcessGrid
     from fgrpo.federation.server import run_federation
     from fgrpo.federation.wire import CONFIG_KEY
     from fgrpo.federation.workers import WorkerPool
 
+    config = apply_tuned(config, config.federation.method)  # the method's `fgrpo tune` values, as `compare` runs it
     if config.runtime.backend == "ray":
         from fgrpo.deploy.ray_runtime import require_ray, run_on_ray
 
@@ -167,6 +171,7 @@ def shared_pools():
 
 def with_method(config: Config, method: str, seed: int, output_dir: Path) -> Config:
     """A copy of `config` for one cell of a comparison, with the method's tuned values (`fgrpo tune`) applied."""
+    from fgrpo.config import apply_tuned
 
     data = config.model_dump()
     data["federation"]["method"] = method
