@@ -43,6 +43,7 @@ def thread_report(_: object) -> tuple[int, str | None]:
 
 app = ClientApp()
 dying_app = ClientApp()  # the same client, except that partition 1's process exits in train
+stuck_app = ClientApp()  # the same client, except that partition 1's train call sleeps for an hour
 
 
 def _calls(context: Context) -> int:
@@ -52,6 +53,7 @@ def _calls(context: Context) -> int:
     return int(context.state["calls"]["train"])
 
 
+@stuck_app.query()
 @dying_app.query()
 @app.query()
 def init(msg: Message, context: Context) -> Message:
@@ -78,6 +80,15 @@ def train_or_die(msg: Message, context: Context) -> Message:
     return _train(msg, context, 1)
 
 
+@stuck_app.train()
+def train_or_hang(msg: Message, context: Context) -> Message:
+    if int(context.node_config["partition-id"]) == 1:
+        import time
+
+        time.sleep(3600)
+    return _train(msg, context, -1)
+
+
 def _train(msg: Message, context: Context, die_partition: int) -> Message:
     pid = int(context.node_config["partition-id"])
     calls = _calls(context)
@@ -95,6 +106,7 @@ def _train(msg: Message, context: Context, die_partition: int) -> Message:
     return Message(RecordDict({wire.ARRAYS: ArrayRecord(arrays), wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
+@stuck_app.evaluate()
 @dying_app.evaluate()
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
