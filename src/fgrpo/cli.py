@@ -146,6 +146,10 @@ def run(
     if resume is not None and (overwrite or output is not None):
         raise ConfigError("--resume continues RUN_DIR in place; it cannot be combined with --overwrite or --output")
     cfg = _load(config, set_values, resume if resume is not None else output, _runtime(workers, threads, runtime))
+    tuned = cfg.tuned.get(cfg.federation.method)
+    if tuned is not None and tuned.values:  # run_simulation applies them, as `compare` does: say so
+        values = ", ".join(f"{key} = {value:.4g}" for key, value in tuned.values.items())
+        console.print(f"{cfg.federation.method}: using the tuned values of \\[tuned.{cfg.federation.method}]: {values}")
     summary = run_simulation(cfg, overwrite=overwrite, progress=not quiet, resume=resume is not None)
     console.print(
         f"{summary['method']}: global held-out accuracy {summary['initial/acc_heldout']:.1%} → "

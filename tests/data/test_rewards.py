@@ -332,3 +332,50 @@ def test_what_leaves_a_node_about_a_reward_quotes_none_of_its_text(tmp_path, mon
         "reward function 'broken_on_import:reward': cannot import module 'broken_on_import' "
         "(RuntimeError; its message stays in the node's log)"
     )
+
+def exiting_reward(prompts, completions, **kwargs):
+    sys.exit(0)
+
+
+def interrupting_reward(prompts, completions, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (exiting_reward, r"reward function exiting_reward called sys.exit\(0\); user code must not end the run"),
+        (interrupting_reward, r"reward function interrupting_reward raised KeyboardInterrupt itself"),
+    ],
+)
+def test_a_reward_that_exits_or_interrupts_is_one_reward_error(fn, message):
+    with pytest.raises(RewardError, match=message):
+        call_reward_function(fn, ["p"], ["a"], {})
+
+
+def test_a_real_ctrl_c_during_a_reward_still_stops_the_run():
+    import os
+    import signal
+
+    def pressed_ctrl_c(prompts, completions, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C arrives while the reward runs
+        return [1.0]
+
+    with pytest.raises(KeyboardInterrupt):
+        call_reward_function(pressed_ctrl_c, ["p"], ["a"], {})
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("import sys\nsys.exit(0)\n", r"module 'exits_on_import_mod', while being imported, called sys.exit\(0\)"),
+        ("raise KeyboardInterrupt\n", r"module 'exits_on_import_mod', while being imported, raised KeyboardInterrupt"),
+    ],
+)
+def test_a_reward_module_that_exits_or_interrupts_on_import_is_one_config_error(tmp_path, monkeypatch, body, message):
+    (tmp_path / "exits_on_import_mod.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "exits_on_import_mod", raising=False)
+    with pytest.raises(ConfigError, match=message):
+        resolve_reward_function("exits_on_import_mod:fn")

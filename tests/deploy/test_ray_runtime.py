@@ -113,3 +113,33 @@ def test_a_client_that_dies_in_a_ray_worker_is_a_failed_client(tmp_path, monkeyp
     assert died and died[0]["round"] == 1 and all("ActorDiedError" in r["reason"] for r in died)
     first = [r for r in rows if r["kind"] == "round" and r["round"] == 1]
     assert first and first[0]["clients/aggregated"] >= 1  # round 1 went on with the clients that lived
+
+
+@pytest.mark.slow
+def test_a_client_stuck_in_a_ray_actor_is_a_failed_client_at_the_round_timeout(tmp_path, monkeypatch):
+    import time
+
+    pytest.importorskip("ray")
+    monkeypatch.syspath_prepend(str(FEDERATION))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FEDERATION), os.environ.get("PYTHONPATH", "")]))
+    config = config_from_dict({"federation": {"method": "fedavg", "num_clients": 3, "rounds": 2, "min_train_clients": 1,
+                                              "round_timeout_s": 5.0},
+                               "runtime": {"backend": "ray"}, "output": {"dir": str(tmp_path / "run")}})
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    started = time.monotonic()
+    try:
+        ray_runtime.run_on_ray(config, nodes, progress=False, client_app="worker_apps:stuck_app")
+    except FederationError as error:  # a stuck actor may hold later messages too: then the run ends cleanly
+        assert "round_timeout_s" in str(error)
+    assert time.monotonic() - started < 300  # not the hour the stuck client sleeps
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    stuck = [r for r in rows if r["kind"] == "failure" and r.get("client") == 1]
+    assert stuck and stuck[0]["round"] == 1 and "round_timeout_s" in stuck[0]["reason"]
+
+
+def test_an_actor_call_is_limited_to_the_servers_wait_for_it():
+    from fgrpo.federation.server import INIT_TIMEOUT_S
+
+    assert ray_runtime.call_limit("train", None) is None
+    assert ray_runtime.call_limit("train", 5.0) == 5.0 and ray_runtime.call_limit("evaluate", 5.0) == 5.0
+    assert ray_runtime.call_limit("query", 5.0) == INIT_TIMEOUT_S  # where a node loads its model

@@ -235,3 +235,66 @@ def test_runs_of_a_comparison_share_one_worker_pool(tmp_path, monkeypatch):
         fgrpo, fedavg = (pool_for(with_method(config, m, 0, tmp_path / m)) for m in ("fgrpo", "fedavg"))
         assert fgrpo is fedavg and (fgrpo.workers, fgrpo.threads) == (2, 1)  # started once, not per run
         assert pool_for(with_method(config, "centralized", 0, tmp_path / "c")) is None  # one node: no workers
+
+
+# ---------------------------------------------------------------------- user reward code and round timeouts
+
+HOSTILE_REWARDS = {
+    "exits_on_import": ("import sys\nsys.exit(0)\n", "called sys.exit(0)"),
+    "interrupts_on_import": ("raise KeyboardInterrupt\n", "raised KeyboardInterrupt itself"),
+    "ends_its_process": ("import os\ndef fn(prompts, completions, **kw):\n    os._exit(3)\n", "worker process"),
+    "sleeps": ("import time\ndef fn(prompts, completions, **kw):\n    time.sleep(3600)\n", "round_timeout_s"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_REWARDS))
+def test_reward_code_cannot_end_silence_or_hang_a_one_worker_run(tmp_path, monkeypatch, case):
+    """One worker: a reward module that exits, interrupts, ends its process or never returns is one clear error."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from conftest import small_config_dict
+    from fgrpo.cli import app
+    from fgrpo.config import dump_config
+
+    body, expected = HOSTILE_REWARDS[case]
+    module = f"hostile_{case}_mod"
+    (tmp_path / f"{module}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}")  # for the worker
+    # Only the sleeping reward needs the timeout; the others run in a worker because they are user code.
+    timeout = {"round_timeout_s": 5.0} if case == "sleeps" else {}
+    data = small_config_dict(tmp_path, federation={"num_clients": 1, "rounds": 1, "min_train_clients": 1, **timeout},
+                             tasks={"rewards": [{"name": f"{module}:fn"}]})
+    (tmp_path / "run.toml").write_text(dump_config(config_from_dict(data)))
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "run.toml"), "--quiet"])
+    assert time.monotonic() - started < 300  # the sleeping reward was stopped
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_fgrpo_run_applies_the_methods_tuned_values_as_compare_does(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import fgrpo.federation.server as server
+    from conftest import small_config_dict
+    from fgrpo.cli import app
+    from fgrpo.config import dump_config
+
+    ran = []
+
+    def fake_run_federation(grid, config, run_dir, **kwargs):
+        ran.append(config)
+        return {"method": config.federation.method, "rounds": 1, "initial/acc_heldout": 0.0, "final/acc_heldout": 0.0, "wall_s": 0.0}
+
+    monkeypatch.setattr(server, "run_federation", fake_run_federation)
+    data = small_config_dict(tmp_path, federation={"method": "fedavg"})
+    data["tuned"] = {"fedavg": {"values": {"grpo.learning_rate": 0.00421}}, "fgrpo": {"values": {"grpo.learning_rate": 0.9}}}
+    (tmp_path / "scenario.toml").write_text(dump_config(config_from_dict(data)))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "scenario.toml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [config.grpo.learning_rate for config in ran] == [0.00421]  # fedavg's tuned value, not fgrpo's
+    assert "[tuned.fedavg]" in result.output and "grpo.learning_rate = 0.00421" in result.output

@@ -276,6 +276,30 @@ def test_a_dead_worker_is_a_failed_client_in_the_server_loop(pool, tmp_path):
     assert summary["rounds"] == 2
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stuck_client_is_stopped_at_the_round_timeout_and_the_run_goes_on(tmp_path, workers):
+    import json
+    import time
+
+    from fgrpo.config import config_from_dict
+    from fgrpo.federation.server import run_federation
+    from fgrpo.federation.workers import WorkerPool
+
+    config = config_from_dict({"federation": {"method": "fedavg", "num_clients": 3, "rounds": 2, "min_train_clients": 1,
+                                              "round_timeout_s": 2.0},
+                               "output": {"dir": str(tmp_path / "run")}})
+    started = time.monotonic()
+    with WorkerPool(workers, 1) as pool:
+        summary = run_federation(toy_grid(pool=pool, **{"sleep-partition": 1}), config, tmp_path / "run", progress=False)
+    assert time.monotonic() - started < 300 and summary["rounds"] == 2  # not the hour partition 1 sleeps
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    failures = [r for r in records if r["kind"] == "failure"]
+    assert [(r["round"], r["client"]) for r in failures] == [(1, 1), (2, 1)]
+    assert all("round_timeout_s" in r["reason"] for r in failures)
+    rounds = [r for r in records if r["kind"] == "round" and r["round"] > 0]
+    assert [(r["clients/failed"], r["clients/aggregated"]) for r in rounds] == [(1, 2), (1, 2)]
+
+
 def test_a_pool_needs_the_client_apps_reference(pool):
     with pytest.raises(FederationError, match="module:attribute"):
         InProcessGrid(make_app(), [{"partition-id": 0}], pool=pool)

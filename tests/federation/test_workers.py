@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from worker_apps import square_or_die, thread_report
+from worker_apps import square_or_die, square_or_sleep, thread_report
 
-from fgrpo.federation.workers import WORKER_DIED, WorkerPool
+from fgrpo.federation.workers import TIMED_OUT, WORKER_DIED, WorkerPool
 
 
 def test_results_come_back_in_order_from_several_processes():
@@ -37,6 +37,26 @@ def test_a_worker_that_dies_between_batches_does_not_fail_the_next_one():
         os.kill(pid, signal.SIGKILL)  # dies after its results were in: the executor learns it late
         time.sleep(1.0)
         assert [value for value, _ in pool.run(square_or_die, [3, 4])] == [9, 16]
+
+
+def test_a_stuck_call_is_stopped_at_its_time_limit_and_the_others_come_back():
+    import time
+
+    with WorkerPool(2, 1) as pool:
+        started = time.monotonic()
+        results = pool.run(square_or_sleep, [2, -1, 3, 4], timeout_s=2.0)
+        assert time.monotonic() - started < 60  # not the hour the stuck call would sleep
+        assert results[1] is TIMED_OUT and pool.timeouts == 1
+        assert [results[i][0] for i in (0, 2, 3)] == [4, 9, 16]  # those cut short by the kill ran again
+        assert [value for value, _ in pool.run(square_or_sleep, [5], timeout_s=2.0)] == [25]  # the pool works on
+
+
+def test_a_time_limit_counts_from_when_a_worker_starts_the_call():
+    import time
+
+    with WorkerPool(1, 1, initializer=time.sleep, initargs=(2.0,)) as pool:  # a worker's start-up is not a call's time
+        results = pool.run(square_or_sleep, [1, 2, 3], timeout_s=1.0)
+        assert [value for value, _ in results] == [1, 4, 9] and pool.timeouts == 0
 
 
 def test_workers_keep_their_processes_between_batches():

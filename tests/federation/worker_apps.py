@@ -15,12 +15,22 @@ from flwr.clientapp import ClientApp
 from fgrpo.federation import wire
 
 DIE_KEY = "die-partition"  # run config: the partition whose worker process exits in train (-1: none)
+SLEEP_KEY = "sleep-partition"  # run config: the partition whose train call sleeps for an hour (-1: none)
 
 
 def square_or_die(value: int) -> tuple[int, int]:
     """value² and the worker's pid; a negative value kills the worker process."""
     if value < 0:
         os._exit(3)
+    return value * value, os.getpid()
+
+
+def square_or_sleep(value: int) -> tuple[int, int]:
+    """value² and the worker's pid; a negative value sleeps for an hour (a call stuck in user code)."""
+    import time
+
+    if value < 0:
+        time.sleep(3600)
     return value * value, os.getpid()
 
 
@@ -33,6 +43,7 @@ def thread_report(_: object) -> tuple[int, str | None]:
 
 app = ClientApp()
 dying_app = ClientApp()  # the same client, except that partition 1's process exits in train
+stuck_app = ClientApp()  # the same client, except that partition 1's train call sleeps for an hour
 
 
 def _calls(context: Context) -> int:
@@ -42,6 +53,7 @@ def _calls(context: Context) -> int:
     return int(context.state["calls"]["train"])
 
 
+@stuck_app.query()
 @dying_app.query()
 @app.query()
 def init(msg: Message, context: Context) -> Message:
@@ -68,11 +80,24 @@ def train_or_die(msg: Message, context: Context) -> Message:
     return _train(msg, context, 1)
 
 
+@stuck_app.train()
+def train_or_hang(msg: Message, context: Context) -> Message:
+    if int(context.node_config["partition-id"]) == 1:
+        import time
+
+        time.sleep(3600)
+    return _train(msg, context, -1)
+
+
 def _train(msg: Message, context: Context, die_partition: int) -> Message:
     pid = int(context.node_config["partition-id"])
     calls = _calls(context)
     if pid == die_partition:
         os._exit(3)
+    if pid == int(context.run_config.get(SLEEP_KEY, -1)):
+        import time
+
+        time.sleep(3600)
     arrays = {k: Array(v.numpy() + (pid + 1)) for k, v in msg.content[wire.ARRAYS].items()}
     metrics = {wire.CLIENT_ID: pid, wire.NUM_EXAMPLES: 10 * (pid + 1), wire.REWARD_MEAN: 0.5 * calls,
                wire.REWARD_STD: 0.1, wire.ACCURACY: 0.5, wire.TRAIN_TIME: 0.0, wire.UNIT_WEIGHT: 1,
@@ -81,6 +106,7 @@ def _train(msg: Message, context: Context, die_partition: int) -> Message:
     return Message(RecordDict({wire.ARRAYS: ArrayRecord(arrays), wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
+@stuck_app.evaluate()
 @dying_app.evaluate()
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:

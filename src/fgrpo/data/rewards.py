@@ -14,11 +14,14 @@ onto each example's own reward scale (the "reward" GRPO and FGRPO see).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
 import re
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,6 +121,38 @@ REWARD_FUNCTIONS: dict[str, RewardFunction] = {
 }
 
 
+@contextlib.contextmanager
+def contained(what: str, error: type[Exception]) -> Iterator[None]:
+    """Run user code (a reward module's import, a reward call) so that it cannot end or silence the run.
+
+    `sys.exit` and a KeyboardInterrupt that the code raises itself become one `error` naming `what`. A real
+    Ctrl-C still stops the run: Python delivers it only to the main thread, where the SIGINTs that arrive
+    meanwhile are noted (under Python's own handler; under someone else's, the interrupt is left alone).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    watching = handler is signal.default_int_handler
+    interrupted: list[int] = []
+    if watching:
+
+        def on_sigint(signum, frame):
+            interrupted.append(signum)
+            signal.default_int_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except SystemExit as exc:
+        raise error(f"{what} called sys.exit({exc.code!r}); user code must not end the run") from None
+    except KeyboardInterrupt:
+        if interrupted or (callable(handler) and not watching):
+            raise
+        raise error(f"{what} raised KeyboardInterrupt itself; user code must not stop the run") from None
+    finally:
+        if watching:
+            signal.signal(signal.SIGINT, handler)
+
+
 def resolve_reward_function(name_or_path: str) -> RewardFunction:
     """A registered name, or an import path 'package.module:function' (attribute may be dotted)."""
     if name_or_path in REWARD_FUNCTIONS:
@@ -128,14 +163,15 @@ def resolve_reward_function(name_or_path: str) -> RewardFunction:
             "or an import path 'package.module:function'"
         )
     module_name, _, attribute = name_or_path.partition(":")
-    try:
-        target = importlib.import_module(module_name)
-    except Exception as exc:  # ModuleNotFoundError, or the module itself failed while importing
-        raise ConfigError(
-            f"reward function '{name_or_path}': cannot import module '{module_name}' ({type(exc).__name__}: {exc})",
-            public=f"reward function '{name_or_path}': cannot import module '{module_name}' ({type(exc).__name__}; "
-            "its message stays in the node's log)",
-        ) from exc
+    with contained(f"reward function '{name_or_path}': module '{module_name}', while being imported,", ConfigError):
+        try:
+            target = importlib.import_module(module_name)
+        except Exception as exc:  # ModuleNotFoundError, or the module itself failed while importing
+            raise ConfigError(
+                f"reward function '{name_or_path}': cannot import module '{module_name}' ({type(exc).__name__}: {exc})",
+                public=f"reward function '{name_or_path}': cannot import module '{module_name}' ({type(exc).__name__}; "
+                "its message stays in the node's log)",
+            ) from exc
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ConfigError(f"reward function '{name_or_path}': module '{module_name}' has no attribute '{attribute}'")
@@ -185,13 +221,14 @@ def call_reward_function(fn: RewardFunction, prompts: list, completions: list, c
     """
     name = function_name(fn)
     n = len(completions)
-    try:
-        output = fn(prompts=prompts, completions=completions, **columns)
-    except Exception as exc:
-        raise RewardError(  # its text may quote a completion or an answer: only the type leaves the node
-            f"reward function {name} raised {type(exc).__name__}: {exc}",
-            public=f"reward function {name} raised {type(exc).__name__} (its message stays in the node's log)",
-        ) from exc
+    with contained(f"reward function {name}", RewardError):
+        try:
+            output = fn(prompts=prompts, completions=completions, **columns)
+        except Exception as exc:
+            raise RewardError(  # its text may quote a completion or an answer: only the type leaves the node
+                f"reward function {name} raised {type(exc).__name__}: {exc}",
+                public=f"reward function {name} raised {type(exc).__name__} (its message stays in the node's log)",
+            ) from exc
     if not isinstance(output, (list, tuple)) and hasattr(output, "tolist"):
         output = output.tolist()  # a 1-D numpy array or tensor is fine too
     if not isinstance(output, (list, tuple)):

@@ -35,11 +35,27 @@ FLOWER_BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 
 
 def flower_binary(name: str) -> str:
-    """Path of a Flower executable: on PATH, or next to this Python (a venv that is not activated)."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    """Path of a Flower executable: next to this Python (the flwr that fgrpo imports, also from a venv that is
+    not activated), else on PATH."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is None:
         raise FederationError(f"'{name}' not found on PATH or in {Path(sys.executable).parent}; install flwr")
     return found
+
+
+def path_with_flower(path: str) -> str:
+    """`path` (a PATH value) with the folder of this Python's Flower executables first.
+
+    The SuperLink and the SuperNodes start `flower-superexec`, and it the `flwr-serverapp` / `flwr-clientapp`
+    processes, by name from PATH: from a venv that is not activated they would not be found (or another
+    install's would), although `flower_binary` found the first one next to this Python.
+    """
+    try:
+        folder = str(Path(flower_binary("flower-superlink")).parent)
+    except FederationError:
+        return path  # starting the SuperLink says what is missing
+    parts = [part for part in path.split(os.pathsep) if part and part != folder]
+    return os.pathsep.join([folder, *parts])
 
 
 def missing_binaries() -> list[str]:

@@ -14,12 +14,20 @@ thin forwarding app that puts the config into each node's run config (as a
 SuperLink would) and marks the node as the user's own (it may read the files
 and reward code the config names, as in-process nodes do). Each actor takes
 its thread budget before its first call, so actors × threads ≤ cores.
+
+With `federation.round_timeout_s`, the server stops waiting for a late client,
+but flwr 1.42's simulation engine waits for every actor's call before it ends:
+a client stuck in user code (a reward that sleeps) would hang the run at its
+end. So an actor ends itself when a call outlives the server's wait for it
+(`call_limit`); Flower then reports that call, and later calls routed to that
+actor, as failed (it does not replace a dead actor; see docs/deployment.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from typing import Any
 
 from fgrpo.config import Config, dump_config
@@ -58,8 +66,41 @@ def backend_config(config: Config, cores: int | None = None) -> dict[str, Any]:
     }
 
 
-def forwarding_client_app(client_app_reference: str, run_config: dict[str, Any], node_extra: dict[str, Any], threads: int):
-    """A ClientApp that gives each call this run's config and the node's extra config, then runs the real app.
+def call_limit(message_type: str, round_timeout_s: float | None) -> float | None:
+    """How long the server waits for a reply of this type (None: for ever): the init query gets longer, as there a
+    node loads its model (`server.INIT_TIMEOUT_S`); train and evaluate calls get the round timeout."""
+    from flwr.app import MessageType
+
+    from fgrpo.federation.server import INIT_TIMEOUT_S
+
+    if round_timeout_s is None:
+        return None
+    return max(round_timeout_s, INIT_TIMEOUT_S) if message_type == MessageType.QUERY else round_timeout_s
+
+
+def end_process_after(seconds: float | None) -> threading.Event:
+    """Exit this process (a Ray actor) unless the returned event is set within `seconds`: only ending the process
+    stops a call stuck in user code."""
+    finished = threading.Event()
+    if seconds is not None:
+
+        def watch() -> None:
+            if not finished.wait(seconds):
+                os._exit(1)
+
+        threading.Thread(target=watch, name="fgrpo-call-limit", daemon=True).start()
+    return finished
+
+
+def forwarding_client_app(
+    client_app_reference: str,
+    run_config: dict[str, Any],
+    node_extra: dict[str, Any],
+    threads: int,
+    round_timeout_s: float | None = None,
+):
+    """A ClientApp that gives each call this run's config and the node's extra config, then runs the real app;
+    a call that outlives the server's wait for it (`call_limit`) ends the actor.
 
     The real app is imported by reference inside the actor (the wrapper Ray ships holds text only).
     """
@@ -81,7 +122,11 @@ def forwarding_client_app(client_app_reference: str, run_config: dict[str, Any],
             state=context.state,
             run_config={**context.run_config, **run_config},
         )
-        return load_client_app(client_app_reference)(msg, seen)
+        finished = end_process_after(call_limit(msg.metadata.message_type, round_timeout_s))
+        try:
+            return load_client_app(client_app_reference)(msg, seen)
+        finally:
+            finished.set()
 
     app.train()(forward)
     app.evaluate()(forward)
@@ -130,7 +175,9 @@ def run_on_ray(
     threads = actor_threads(config, len(nodes))
     run_simulation(
         server_app=server_app,
-        client_app=forwarding_client_app(client_app, {CONFIG_KEY: dump_config(config)}, own_node, threads),
+        client_app=forwarding_client_app(
+            client_app, {CONFIG_KEY: dump_config(config)}, own_node, threads, config.federation.round_timeout_s
+        ),
         num_supernodes=len(nodes),
         backend_name="ray",
         backend_config=backend_config(config),

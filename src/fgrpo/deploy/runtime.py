@@ -5,6 +5,11 @@ on Flower to an in-process Grid: no Ray, no sockets. A round's clients run at
 once in `runtime.workers` worker processes (each with its own model), or one
 after another in this process when there is one worker; every process gets
 `runtime.threads` torch threads, so that workers × threads ≤ cores.
+
+One worker still runs its clients in a worker process when the run has a
+round timeout or user reward code (`isolates_clients`): only ending a process
+stops a client stuck in user code, and code that ends its own process
+(`os._exit`, a crash) then costs one client's reply, not the run.
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ def uses_gpu(model: ModelConfig) -> bool:
     return torch.cuda.is_available()
 
 
+def isolates_clients(config: Config) -> bool:
+    """Whether clients run in worker processes even with one worker: a round timeout (a stuck client is stopped by
+    ending its process) or reward code the user names ('module:function', which could end or hang this process)."""
+    from fgrpo.data.node_spec import owners_named, server_code
+
+    return config.federation.round_timeout_s is not None or bool(server_code(config.tasks) or owners_named(config.federation.clients)[1])
+
+
 def execution_plan(config: Config) -> tuple[int, int]:
     """(worker processes, torch threads each) for an in-process run of `config`: workers × threads ≤ cores.
 
@@ -84,17 +97,21 @@ def run_simulation(
 ) -> dict:
     """Run one federated experiment in this process (or continue it from its checkpoint); returns the summary.
 
+    The method runs with its `[tuned.<method>]` values (`fgrpo tune --write`), as in a comparison.
+
     With more than one worker (`execution_plan`), the clients run in worker processes:
     `pool` (a `WorkerPool` the caller owns, e.g. shared by a comparison's runs) or a
     pool started for this run and stopped at its end.
     """
     quiet_flower_logs()
+    from fgrpo.config import apply_tuned
     from fgrpo.core.pipeline import resolve_model_source
     from fgrpo.federation.inprocess import InProcessGrid
     from fgrpo.federation.server import run_federation
     from fgrpo.federation.wire import CONFIG_KEY
     from fgrpo.federation.workers import WorkerPool
 
+    config = apply_tuned(config, config.federation.method)  # the method's `fgrpo tune` values, as `compare` runs it
     if config.runtime.backend == "ray":
         from fgrpo.deploy.ray_runtime import require_ray, run_on_ray
 
@@ -106,13 +123,27 @@ def run_simulation(
     resolve_model_source(config.model, config.tasks)
     run_config = {CONFIG_KEY: dump_config(config)}
     with contextlib.ExitStack() as stack:
-        if workers == 1:
+        if workers == 1 and not isolates_clients(config):
             pool = None
             stack.enter_context(torch_threads(threads))
         elif pool is None:
-            pool = stack.enter_context(WorkerPool(workers, threads))
+            pool = stack.enter_context(WorkerPool(workers, threads, warm_up, (run_config[CONFIG_KEY],)))
         grid = InProcessGrid(CLIENT_APP, node_configs(config), run_config=run_config, pool=pool)
         return run_federation(grid, config, Path(config.output.dir), progress=progress, overwrite=overwrite, resume=resume)
+
+
+def warm_up(config_text: str) -> None:
+    """Runs first in each worker: load the ClientApp and the run's policy, so that a client's time (what
+    `round_timeout_s` measures) starts with its work, not with a fresh worker's imports and model load.
+
+    Best effort: what fails here fails again in the client's call, where its error reaches the server.
+    """
+    try:
+        from fgrpo.federation.clientapp import warm_up_learner
+
+        warm_up_learner(config_text)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
 
 
 @contextlib.contextmanager
@@ -129,10 +160,10 @@ def shared_pools():
 
         def pool_for(config: Config):
             plan = execution_plan(config)
-            if config.runtime.backend != "inprocess" or plan[0] == 1:
+            if config.runtime.backend != "inprocess" or (plan[0] == 1 and not isolates_clients(config)):
                 return None
             if plan not in pools:
-                pools[plan] = stack.enter_context(WorkerPool(*plan))
+                pools[plan] = stack.enter_context(WorkerPool(*plan, warm_up, (dump_config(config),)))
             return pools[plan]
 
         yield pool_for

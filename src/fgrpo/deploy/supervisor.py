@@ -25,6 +25,7 @@ from fgrpo.deploy.commands import (
     flwr_run_command,
     generate_supernode_keys,
     generate_tls_certificates,
+    path_with_flower,
     register_command,
     superlink_command,
     supernode_command,
@@ -70,6 +71,7 @@ class LocalFederation:
         self.tls = tls or supernode_auth
         self.supernode_auth = supernode_auth
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.work_dir / "flwr-home")}
+        self.env["PATH"] = path_with_flower(self.env.get("PATH", ""))  # Flower starts its own programs by name
         self.threads = auto_threads(len(self.node_configs), threads, env=self.env)
         self.env.update(thread_env(self.threads))
         # Flower's processes run in other working directories: give them this very fgrpo, by absolute path.

@@ -193,6 +193,11 @@ def node_learner(context: Context) -> GRPOLearner:
         raise ModelError(message, public=public) from error
 
 
+def warm_up_learner(config_text: str) -> None:
+    """Build this process's policy for a run config now (a worker's start-up), before any node's call needs it."""
+    _shared_learner(learner_config_text(config_text))
+
+
 def shared_learner(context: Context) -> GRPOLearner:
     """The process's policy, scoring with this node's reward functions (clients run one at a time in a process)."""
     learner = node_learner(context)

@@ -16,6 +16,9 @@ the process boundary as the same bytes: the message's deflated objects and
 the Context's protobuf. A worker loads the ClientApp by its Flower reference
 ("module:attribute"), and a worker that dies becomes a CLIENT_APP_CRASHED
 error reply for its node, as a SuperNode reports a crashed ClientApp process.
+Only a pool enforces `send_and_receive`'s timeout on a stuck ClientApp: a call
+past it has its worker killed and gets no reply (as a late node on a real grid);
+in this process a late reply can only be dropped once the call returns.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fgrpo.errors import ConfigError, FederationError
-from fgrpo.federation.workers import WORKER_DIED, WorkerPool
+from fgrpo.federation.workers import TIMED_OUT, WORKER_DIED, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +169,7 @@ def execute_call(app: ClientApp, call: ClientCall) -> CallResult:
             raise ValueError("ClientApp's reply is not a reply to the message it got; use Message(content, reply_to=msg)")
         object_id, contents = deflate_message(reply)
         kept: bytes | None = context_to_bytes(context)  # as on a SuperNode: kept only when the ClientApp succeeds
-    except Exception as error:  # noqa: BLE001 - every ClientApp failure becomes an error reply
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - every ClientApp failure (even sys.exit) becomes an error reply
         reason = f"{type(error)}:<'{error}'>"
         # The reason travels in the error reply and the server reports it once for all nodes
         # (`server.summarize_failures`): one traceback per node would bury it (400 for 200 clients).
@@ -284,12 +287,15 @@ class InProcessGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Deliver the messages to their nodes' ClientApps now (at once with a pool); keep the replies for `pull_messages`."""
+        return self._push(messages, timeout=None)
+
+    def _push(self, messages: Iterable[Message], timeout: float | None) -> list[str]:
         messages = list(messages)
         for message in messages:
             if message.metadata.reply_to_message_id or message.metadata.ttl <= 0:
                 raise FederationError(f"cannot push a reply or an expired message: {message.metadata}")
             message.metadata.__dict__["_message_id"] = str(uuid4())
-        self._deliver(messages)
+        self._deliver(messages, timeout)
         return [message.metadata.message_id for message in messages]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -299,9 +305,10 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push and pull. On a real grid nodes run at once, and here they may wait for a free worker:
         so a reply is dropped (as Flower drops a late one) when *its own node's* ClientApp took longer than `timeout`.
+        With a pool, a ClientApp still running at `timeout` is stopped there (its worker is killed).
         """
         replies = []
-        for message_id in self.push_messages(messages):
+        for message_id in self._push(messages, timeout):
             if timeout is not None and self._seconds.pop(message_id, 0.0) > timeout:
                 self._replies.pop(message_id, None)
                 self.late_replies += 1
@@ -338,8 +345,8 @@ class InProcessGrid(Grid):
         TaskIdentity.run_id = self._run.run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
 
-    def _deliver(self, messages: list[Message]) -> None:
-        """Run each message's ClientApp (in this process, or at once in the pool) and keep its reply."""
+    def _deliver(self, messages: list[Message], timeout: float | None = None) -> None:
+        """Run each message's ClientApp (in this process, or at once in the pool, stopped at `timeout`) and keep its reply."""
         calls: dict[int, ClientCall] = {}
         for index, message in enumerate(messages):
             if message.metadata.dst_node_id in self.contexts:
@@ -353,7 +360,7 @@ class InProcessGrid(Grid):
                 self._finish(messages[index], execute_call(self.client_app, calls[index]))
         else:
             done = lambda position, result: self._finish(messages[indices[position]], result)  # noqa: E731
-            self.pool.run(run_call, [calls[index] for index in indices], on_done=done)
+            self.pool.run(run_call, [calls[index] for index in indices], on_done=done, timeout_s=timeout)
 
     def _prepare(self, message: Message) -> ClientCall:
         """The call a node gets: the message as on the wire (its bytes logged) and a copy of the node's Context."""
@@ -378,6 +385,10 @@ class InProcessGrid(Grid):
     def _finish(self, message: Message, result: CallResult | Any) -> None:
         """The reply off the wire (its bytes logged); the node's Context replaced only when its ClientApp succeeded."""
         node_id = message.metadata.dst_node_id
+        if result is TIMED_OUT:  # no reply, as from a node that did not answer in time
+            logger.debug("node %d (%s): stopped at the round's timeout", node_id, message.metadata.message_type)
+            self.late_replies += 1
+            return
         wire_start = time.perf_counter()
         if result is WORKER_DIED:
             reason = "the worker process running this node's ClientApp died (killed, out of memory or exited)"
