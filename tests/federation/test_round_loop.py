@@ -254,3 +254,8 @@ def test_a_later_claim_above_a_clients_first_size_is_refused(loop, tmp_path):
         (2, "evaluate: 'num-examples' = 400 is more than the 4 client 2 declared first")
     ]
     assert server.train_sizes == {0: 10, 1: 20, 2: 30} and server.eval_sizes == {0: 4, 1: 4, 2: 4}
+    from fgrpo.federation.checkpoint import load_checkpoint
+
+    server.checkpoint(2)  # --resume keeps the bindings
+    extra = load_checkpoint(tmp_path / "run").extra
+    assert extra["train_sizes"] == {0: 10, 1: 20, 2: 30} and extra["eval_sizes"] == {0: 4, 1: 4, 2: 4}

@@ -244,7 +244,7 @@ def test_capped_sizes_by_hand():
     np.testing.assert_allclose(capped_sizes([1e9]), [1e9])
 
 
-@given(st.lists(st.one_of(st.integers(0, 10**9), st.floats(0, 1e9)), min_size=1, max_size=12))
+@given(st.lists(st.integers(0, 10**9), min_size=1, max_size=12))  # the reply rules admit integer counts only
 def test_capped_sizes_hold_every_share_to_the_cap_and_change_nothing_within_it(sizes):
     from fgrpo.federation.aggregation import auto_weight_cap
 
@@ -480,5 +480,8 @@ def test_random_malformed_replies_never_break_a_run_or_its_numbers(tmp_path, dat
         assert "\n" not in str(error) and "learning_rate" not in str(error)
     check_results(run_dir)
     assert not list(tmp_path.rglob(f"*{PROBE}*"))
-    if (run_dir / "adapter").exists():
-        assert {p.name for p in (run_dir / "adapter").iterdir()} <= {"adapter_config.json", "adapter_model.safetensors"}
+    if (run_dir / "adapter").exists():  # only the names save_pretrained writes
+        from fgrpo.federation.export import FILE_NAMES
+
+        allowed = set(FILE_NAMES).union(*FILE_NAMES.values())
+        assert {p.name for p in (run_dir / "adapter").iterdir()} <= allowed
