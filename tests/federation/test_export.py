@@ -55,12 +55,13 @@ def test_arrays_that_do_not_match_the_layout_are_refused(tmp_path):
 # ------------------------------------------------------------------ a layout comes from a peer: it chooses no path
 
 LAYOUT = {"files": {"adapter_config.json": "{}"}, "weights_file": "adapter_model.safetensors", "names": {"a": "k.a"}}
-ESCAPES = ["../../escape.safetensors", "/tmp/fgrpo-escape.safetensors", "sub/adapter_model.safetensors", "..", "",
+ESCAPES = ["../../escape.safetensors", "ABSOLUTE", "sub/adapter_model.safetensors", "..", "",
            "adapter_model.safetensors/../x", "x\\..\\y", "adapter_model.safetensors\x00"]
 
 
 @pytest.mark.parametrize("name", ESCAPES)
 def test_a_weights_file_that_is_a_path_is_refused_and_nothing_is_written(tmp_path, name):
+    name = str(tmp_path / "escape.safetensors") if name == "ABSOLUTE" else name  # inside tmp_path, whatever happens
     layout = {**LAYOUT, "weights_file": name}
     with pytest.raises(FederationError, match="'weights_file' must be one of"):
         layout_from_text(layout_to_text(layout))
@@ -69,9 +70,9 @@ def test_a_weights_file_that_is_a_path_is_refused_and_nothing_is_written(tmp_pat
     assert list(tmp_path.rglob("*")) == []
 
 
-@pytest.mark.parametrize("name", ["../adapter_config.json", "/tmp/fgrpo-escape.json", "a/adapter_config.json",
-                                  "config.json", "README.md", ".."])
+@pytest.mark.parametrize("name", ["../adapter_config.json", "ABSOLUTE", "a/adapter_config.json", "config.json", "README.md", ".."])
 def test_a_json_file_the_server_does_not_write_is_refused(tmp_path, name):
+    name = str(tmp_path / "escape.json") if name == "ABSOLUTE" else name
     layout = {**LAYOUT, "files": {name: "{}"}}
     with pytest.raises(FederationError, match="names files the server does not write"):
         layout_from_text(layout_to_text(layout))
