@@ -215,6 +215,34 @@ def test_arrays_that_are_not_floating_point_are_a_failure_not_a_crash_or_a_new_m
 # ------------------------------------------------------------------ the rules, on their own
 
 
+def test_init_reply_rules():
+    from fgrpo.federation.export import layout_to_text
+    from fgrpo.federation.reply_checks import read_init_reply
+
+    theta = {"w": np.zeros((2, 3), np.float32)}
+    layout = {"files": {}, "weights_file": "model.safetensors", "names": {"w": "w"}}
+
+    def content(extra=None):
+        records = {"arrays": ArrayRecord({"w": Array(theta["w"])}), "config": ConfigRecord({"checkpoint-layout": layout_to_text(layout)})}
+        return RecordDict({**records, **(extra or {})})
+
+    got, got_layout = read_init_reply(content())
+    assert got_layout == layout and got["w"].tolist() == theta["w"].tolist()
+    with pytest.raises(FederationError, match="one ArrayRecord and one ConfigRecord and nothing else"):
+        read_init_reply(content({"m": MetricRecord({"x": 1.0})}))
+    with pytest.raises(FederationError, match=r"θ₀: 'w' has shape \(2, 3\), the checkpointed run's has \(2, 4\)"):
+        read_init_reply(content(), {"w": np.zeros((2, 4), np.float32)})  # --resume onto another adapter's θ_t
+    with pytest.raises(FederationError, match="θ₀ does not match the checkpointed run's arrays"):
+        read_init_reply(content(), {"v": np.zeros((2, 3), np.float32)})
+
+
+def test_evaluation_families_are_bounded():
+    many = {"client-id": 0, "num-examples": 1001, **{f"acc/f{i}": 0.5 for i in range(1001)}, **{f"n/f{i}": 1 for i in range(1001)}}
+    assert check_evaluate_metrics({**many, "acc_heldout": 0.5}, 3).startswith("at most 1000 'acc/<family>' metrics")
+    long = {"client-id": 0, "num-examples": 1, "acc_heldout": 0.5, "acc/" + "x" * 201: 0.5, "n/" + "x" * 201: 1}
+    assert check_evaluate_metrics(long, 3).startswith("at most 1000")
+
+
 def test_dtype_rule():
     assert dtype_problem({"a": np.zeros(2, np.float16), "b": np.zeros(2, np.float64)}) is None
     assert dtype_problem({"a": np.zeros(2, ">f4")}) == "array 'a' is >f4, expected floating point (float16/float32/float64)"

@@ -63,6 +63,9 @@ NON_NEGATIVE = (wire.REWARD_STD, wire.TRAIN_TIME)
 MAX_COUNT = 10**9
 MAX_ABS_REWARD = 1e9
 MAX_SECONDS = 1e7
+# Task families in one evaluation reply, and the length of a family name: far beyond any real task suite.
+MAX_FAMILIES = 1000
+MAX_FAMILY_NAME = 200
 # The dtypes weights travel in (what numpy, safetensors and the codecs' decoders share).
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 # θ₀'s entries: a real model's weights are a few units at most; 1e30 would only set every client up to diverge.
@@ -162,6 +165,8 @@ def check_evaluate_metrics(metrics: Mapping, num_clients: int) -> str | None:
         return problem
     families = {key[len(wire.FAMILY_ACC):] for key in metrics if key.startswith(wire.FAMILY_ACC)}
     counted = {key[len(wire.FAMILY_N):] for key in metrics if key.startswith(wire.FAMILY_N)}
+    if len(families) > MAX_FAMILIES or any(len(family) > MAX_FAMILY_NAME for family in families):
+        return f"at most {MAX_FAMILIES} 'acc/<family>' metrics, each family name at most {MAX_FAMILY_NAME} characters"
     if families != counted:
         return f"each 'acc/<family>' needs its 'n/<family>' and back (unmatched: {sorted(families ^ counted)[:5]})"
     for family in sorted(families):
@@ -194,13 +199,26 @@ def dtype_problem(arrays: Mapping[str, np.ndarray]) -> str | None:
     return None
 
 
-def initial_arrays_problem(arrays: Mapping[str, np.ndarray], names: Mapping[str, str]) -> str | None:
-    """Why θ₀ cannot start the run, or None: the layout's arrays, floating point, finite, |θ| <= MAX_ABS_INITIAL."""
+def initial_arrays_problem(
+    arrays: Mapping[str, np.ndarray], names: Mapping[str, str], reference: Mapping[str, np.ndarray] | None = None
+) -> str | None:
+    """Why θ₀ cannot start the run, or None: the layout's arrays, floating point, finite, |θ| <= MAX_ABS_INITIAL.
+
+    With `reference` (a resumed run's checkpointed θ_t), θ₀ must also have its names and shapes: the final
+    adapter is written with this layout.
+    """
     if set(arrays) != set(names):
         missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
         return f"θ₀ does not match its checkpoint layout: missing {missing[:3]}, unexpected {extra[:3]}"
     if problem := dtype_problem(arrays):
         return f"θ₀: {problem}"
+    if reference is not None:
+        if set(arrays) != set(reference):
+            missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+            return f"θ₀ does not match the checkpointed run's arrays: missing {missing[:3]}, unexpected {extra[:3]}"
+        for name, value in arrays.items():
+            if value.shape != np.shape(reference[name]):
+                return f"θ₀: '{name[:80]}' has shape {value.shape}, the checkpointed run's has {np.shape(reference[name])}"
     for name, value in arrays.items():
         if not np.all(np.isfinite(value)):
             return f"θ₀: non-finite values (NaN/Inf) in '{name[:80]}'"
@@ -209,11 +227,14 @@ def initial_arrays_problem(arrays: Mapping[str, np.ndarray], names: Mapping[str,
     return None
 
 
-def read_init_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], dict]:
+def read_init_reply(
+    content: RecordDict, reference: Mapping[str, np.ndarray] | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
     """(θ₀, checkpoint layout) from an init reply, each checked; FederationError says why the reply is refused.
 
     The reply holds one ArrayRecord (θ₀) and one ConfigRecord whose
     `checkpoint-layout` is the layout's JSON text, and nothing else.
+    `reference`: see `initial_arrays_problem`.
     """
     arrays, metrics, configs = len(content.array_records), len(content.metric_records), len(content.config_records)
     if (arrays, metrics, configs) != (1, 0, 1):
@@ -226,7 +247,7 @@ def read_init_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], dict]:
         raise FederationError(f"the init reply has no '{wire.CHECKPOINT_LAYOUT}'")
     layout = layout_from_text(config[wire.CHECKPOINT_LAYOUT])
     theta, problem = decode_arrays(next(iter(content.array_records.values())))
-    problem = problem or initial_arrays_problem(theta, layout["names"])
+    problem = problem or initial_arrays_problem(theta, layout["names"], reference)
     if problem is not None:
         raise FederationError(problem)
     return theta, layout

@@ -74,13 +74,16 @@ def _record_bytes(message: Message) -> int:
     return total
 
 
-def init_from_client(grid: Grid, node_ids: list[int], timeout: float | None) -> tuple[ArrayRecord, dict, list[Failure]]:
+def init_from_client(
+    grid: Grid, node_ids: list[int], timeout: float | None, reference: dict[str, np.ndarray] | None = None
+) -> tuple[ArrayRecord, dict, list[Failure]]:
     """(θ₀, checkpoint layout, refused init replies) from the first node whose init reply passes the checks.
 
     They all hold the same θ₀; a reply is refused (`reply_checks.read_init_reply`:
     a layout that names a path or is not JSON, θ₀ that is not finite floating
-    point...) and the next node is asked. When none can, the error says why
-    once per distinct reason (a bad config fails the same way on every node).
+    point, or not shaped like `reference`, a resumed run's θ_t) and the next
+    node is asked. When none can, the error says why once per distinct reason
+    (a bad config fails the same way on every node).
     """
     failures: list[Failure] = []
     for node in sorted(node_ids):
@@ -90,7 +93,7 @@ def init_from_client(grid: Grid, node_ids: list[int], timeout: float | None) -> 
                 failures.append(Failure(node, None, error_reason(reply.error.reason)[:300]))
                 continue
             try:
-                theta, layout = read_init_reply(reply.content)
+                theta, layout = read_init_reply(reply.content, reference)
             except FederationError as error:
                 failures.append(Failure(node, None, f"init reply refused: {error}"[:400]))
                 continue
@@ -472,7 +475,7 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
     init_timeout = None if fed.round_timeout_s is None else max(fed.round_timeout_s, INIT_TIMEOUT_S)
-    initial_arrays, layout, init_failures = init_from_client(grid, node_ids, init_timeout)
+    initial_arrays, layout, init_failures = init_from_client(grid, node_ids, init_timeout, None if state is None else state.arrays)
     if state is None:
         random.seed(seed)  # Flower strategies sample nodes with the `random` module
         np.random.seed(seed)  # Flower's DP noise uses NumPy's global RNG
