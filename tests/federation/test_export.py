@@ -45,7 +45,7 @@ def test_full_fine_tuning_layout_names_the_parameters_as_they_are():
 
 
 def test_arrays_that_do_not_match_the_layout_are_refused(tmp_path):
-    layout = {"files": {}, "weights_file": "w.safetensors", "names": {"a": "a"}}
+    layout = {"files": {}, "weights_file": "model.safetensors", "names": {"a": "a"}}
     with pytest.raises(FederationError, match="missing"):
         save_weights(tmp_path, {"b": np.zeros(2, np.float32)}, layout)
     with pytest.raises(FederationError, match="layout"):
@@ -70,3 +70,59 @@ def test_adapter_config_lists_target_modules_in_one_order_whatever_order_peft_us
         written.append((tmp_path / "-".join(order) / "adapter_config.json").read_text())
     assert written[0] == written[1]
     assert json.loads(written[0])["target_modules"] == modules and len(modules) == 2
+
+# ------------------------------------------------------------------ a layout comes from a peer: it chooses no path
+
+LAYOUT = {"files": {"adapter_config.json": "{}"}, "weights_file": "adapter_model.safetensors", "names": {"a": "k.a"}}
+ESCAPES = ["../../escape.safetensors", "ABSOLUTE", "sub/adapter_model.safetensors", "..", "",
+           "adapter_model.safetensors/../x", "x\\..\\y", "adapter_model.safetensors\x00"]
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_a_weights_file_that_is_a_path_is_refused_and_nothing_is_written(tmp_path, name):
+    name = str(tmp_path / "escape.safetensors") if name == "ABSOLUTE" else name  # inside tmp_path, whatever happens
+    layout = {**LAYOUT, "weights_file": name}
+    with pytest.raises(FederationError, match="'weights_file' must be one of"):
+        layout_from_text(layout_to_text(layout))
+    with pytest.raises(FederationError, match="'weights_file' must be one of"):  # save_weights checks again
+        save_weights(tmp_path / "run" / "adapter", {"a": np.zeros(2, np.float32)}, layout)
+    assert list(tmp_path.rglob("*")) == []
+
+
+@pytest.mark.parametrize("name", ["../adapter_config.json", "ABSOLUTE", "a/adapter_config.json", "config.json", "README.md", ".."])
+def test_a_json_file_the_server_does_not_write_is_refused(tmp_path, name):
+    name = str(tmp_path / "escape.json") if name == "ABSOLUTE" else name
+    layout = {**LAYOUT, "files": {name: "{}"}}
+    with pytest.raises(FederationError, match="names files the server does not write"):
+        layout_from_text(layout_to_text(layout))
+    with pytest.raises(FederationError, match="names files the server does not write"):
+        save_weights(tmp_path / "adapter", {"a": np.zeros(2, np.float32)}, layout)
+    assert list(tmp_path.rglob("*")) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("{not json", "is not JSON"),
+        ("[" * 100_000 + "]" * 100_000, "is not JSON"),  # deeper than the parser's stack
+        ("[]", "must be a JSON object with exactly the keys"),
+        ('{"files": {}, "weights_file": "model.safetensors"}', "exactly the keys"),
+        ('{"files": [], "weights_file": "model.safetensors", "names": {"a": "a"}}', "'files' must map"),
+        ('{"files": {"config.json": 3}, "weights_file": "model.safetensors", "names": {"a": "a"}}', "'files' must map"),
+        ('{"files": {"config.json": "[1]"}, "weights_file": "model.safetensors", "names": {"a": "a"}}', "JSON object"),
+        ('{"files": {"config.json": "{x"}, "weights_file": "model.safetensors", "names": {"a": "a"}}', "is not JSON"),
+        ('{"files": {}, "weights_file": 7, "names": {"a": "a"}}', "'weights_file' must be one of"),
+        ('{"files": {}, "weights_file": "model.safetensors", "names": ["a"]}', "'names' must map"),
+        ('{"files": {}, "weights_file": "model.safetensors", "names": {}}', "'names' must map"),
+        ('{"files": {}, "weights_file": "model.safetensors", "names": {"a": "k", "b": "k"}}', "its own non-empty"),
+        ('{"files": {}, "weights_file": "model.safetensors", "names": {"a": "a"}, "x": 1}', "exactly the keys"),
+    ],
+)
+def test_a_malformed_layout_is_one_clear_error(text, reason):
+    with pytest.raises(FederationError, match=reason):
+        layout_from_text(text)
+
+
+def test_a_layout_that_is_not_text_is_refused():
+    with pytest.raises(FederationError, match="must be JSON text, got int"):
+        layout_from_text(5)

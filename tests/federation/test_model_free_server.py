@@ -92,9 +92,9 @@ def test_server_runs_a_round_without_torch_and_writes_the_adapter_from_arrays(tm
     adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
     assert sorted(adapter) == ["layer.lora_A.weight", "layer.lora_B.weight"]  # the layout's checkpoint names
     # Clients upload θ + (k + 1). The default norm_clip = 1.5 bounds client 1's step (2, twice the
-    # other's) to 1.5; FedAvg then weighs them 10:20, and FGRPO's default cap with K = 2 clients is ½
-    # (equal weights).
-    expected_step = (1 * 10 + 1.5 * 20) / 30 if method == "fedavg" else (1 + 1.5) / 2
+    # other's) to 1.5. With K = 2 clients no one counts for more than ½: FGRPO's weight cap, and for
+    # FedAvg the size cap on their 10:20 examples (screening.capped_sizes), so both weigh them equally.
+    expected_step = (1 + 1.5) / 2
     np = pytest.importorskip("numpy")
     np.testing.assert_allclose(adapter["layer.lora_A.weight"], np.full((2, 3), expected_step), rtol=1e-6)
     np.testing.assert_allclose(adapter["layer.lora_B.weight"], np.full((3, 2), 1 + expected_step), rtol=1e-6)

@@ -296,3 +296,91 @@ def test_a_round_zero_that_fails_on_every_client_keeps_nothing_and_advises_no_re
         run_with(app, config, tmp_path / "run")
     assert "--resume" not in str(info.value)
     assert not (tmp_path / "run").exists()  # no checkpoint of a failed round, nothing to resume into
+
+
+# ------------------------------------------------------------------ the init reply: θ₀ and the layout come from a peer
+
+THETA0 = {"layer.lora_A.default.weight": np.zeros((2, 3), np.float32), "layer.lora_B.default.weight": np.ones((3, 2), np.float32)}
+LAYOUT = {"files": {"adapter_config.json": '{"peft_type": "LORA"}'}, "weights_file": "adapter_model.safetensors",
+          "names": {k: k.replace(".default", "") for k in THETA0}}
+PROBE = "fgrpo-escape-probe"  # the name every escaping path ends with
+
+
+def init_content(theta=THETA0, layout=LAYOUT, text=None) -> RecordDict:
+    from fgrpo.federation.export import layout_to_text
+
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in theta.items()})
+    return RecordDict({"arrays": arrays, "config": ConfigRecord({"checkpoint-layout": layout_to_text(layout) if text is None else text})})
+
+
+def hostile_inits(tmp_path) -> dict[str, tuple[RecordDict, str]]:
+    """Init replies a hostile node may send, and the reason the server gives for refusing each."""
+    first = next(iter(THETA0))
+    with_array = lambda value: {**THETA0, first: value}  # noqa: E731
+    return {
+        "weights file up": (init_content(layout={**LAYOUT, "weights_file": f"../../{PROBE}"}), "'weights_file' must be one of"),
+        "weights file absolute": (init_content(layout={**LAYOUT, "weights_file": str(tmp_path / PROBE)}), "'weights_file' must be one of"),
+        "json file up": (init_content(layout={**LAYOUT, "files": {f"../{PROBE}": "{}"}}), "names files the server does not write"),
+        "json file in a folder": (init_content(layout={**LAYOUT, "files": {f"a/{PROBE}": "{}"}}), "names files the server does not write"),
+        "layout not json": (init_content(text="{oops"), "the checkpoint layout is not JSON"),
+        "files a list": (init_content(text='{"files": ["a"], "weights_file": "adapter_model.safetensors", "names": {}}'), "'files' must map"),
+        "layout a number": (RecordDict({"arrays": init_content()["arrays"], "config": ConfigRecord({"checkpoint-layout": 5})}), "must be JSON text"),
+        "θ₀ NaN": (init_content(theta=with_array(np.full((2, 3), np.nan, np.float32))), "θ₀: non-finite values"),
+        "θ₀ 1e30": (init_content(theta=with_array(np.full((2, 3), 1e30, np.float32))), "θ₀: 'layer.lora_A.default.weight' has values beyond"),
+        "θ₀ unicode": (init_content(theta=with_array(np.full((2, 3), "x"))), "is <U1, expected floating point"),
+        "θ₀ bytes": (init_content(theta=with_array(np.full((2, 3), b"x"))), "is |S1, expected floating point"),
+        "θ₀ bool": (init_content(theta=with_array(np.ones((2, 3), bool))), "is bool, expected floating point"),
+        "θ₀ int32": (init_content(theta=with_array(np.ones((2, 3), np.int32))), "is int32, expected floating point"),
+        "θ₀ not the layout's": (init_content(theta={first: THETA0[first]}), "θ₀ does not match its checkpoint layout"),
+    }
+
+
+def init_app(init_for) -> ClientApp:
+    """A model-free ClientApp whose init reply for partition p is `init_for(p)`."""
+    from fake_apps import fake_client_app
+
+    app = fake_client_app()
+
+    @app.query()
+    def init(msg: Message, context: Context) -> Message:
+        return Message(init_for(int(context.node_config["partition-id"])), reply_to=msg)
+
+    return app
+
+
+def model_free_run(tmp_path, app, num_clients=3, **federation):
+    config = config_from_dict({
+        "federation": {"method": "fgrpo", "num_clients": num_clients, "rounds": 1, "min_train_clients": 1, **federation},
+        "output": {"dir": str(tmp_path / "a" / "run"), "save_adapter": True},
+    })
+    grid = InProcessGrid(app, [{"partition-id": i, "num-partitions": num_clients} for i in range(num_clients)],
+                         run_config={CONFIG_KEY: ""})
+    return grid, lambda: run_federation(grid, config, tmp_path / "a" / "run", progress=False)
+
+
+@pytest.mark.parametrize("case", list(hostile_inits(__import__("pathlib").Path("/nonexistent"))))
+def test_a_hostile_init_reply_from_every_node_is_one_clear_error_and_writes_nothing(tmp_path, case):
+    content, reason = hostile_inits(tmp_path)[case]
+    _, run = model_free_run(tmp_path, init_app(lambda pid: content))
+    with pytest.raises(FederationError, match="no client could load the model and send the starting adapter") as info:
+        run()
+    message = str(info.value)
+    assert "3 nodes" in message and "init reply refused: " in message and reason in message
+    assert "learning_rate" not in message and "\n" not in message
+    assert not list(tmp_path.rglob(f"*{PROBE}*"))
+    assert not (tmp_path / "a" / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["weights file up", "weights file absolute", "json file up", "θ₀ 1e30", "θ₀ bool"])
+def test_the_run_goes_on_with_the_next_nodes_init_reply_and_records_the_refusal(tmp_path, case):
+    content, reason = hostile_inits(tmp_path)[case]
+    grid, run = model_free_run(tmp_path, init_app(lambda pid: content if pid == hostile else init_content()))
+    asked_first = min(grid.get_node_ids())  # the server asks the nodes in id order
+    hostile = int(grid.contexts[asked_first].node_config["partition-id"])
+    run()
+    run_dir = tmp_path / "a" / "run"
+    (failure,) = records(run_dir, "failure")
+    assert failure["node"] == asked_first and failure["round"] == 0
+    assert failure["reason"].startswith("init reply refused: ") and reason in failure["reason"]
+    assert sorted(p.name for p in (run_dir / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not list(tmp_path.rglob(f"*{PROBE}*"))

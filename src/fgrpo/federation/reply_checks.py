@@ -11,7 +11,17 @@ functions that return the reason a reply is refused (None when it is fine):
   ClientApp sends (`federation/wire.py`), of the right type and in range;
 - identity: `client-id` an integer in [0, num_clients), bound to the node that
   first reported it, so no node can take another's id or claim a second one,
-  and never reported by two nodes in one round.
+  and never reported by two nodes in one round;
+- size: a client's `num-examples` never exceeds the first one the run
+  accepted from it (`bind_size`; its data does not grow during a run), and
+  under DP its `unit-weight` is 1 (how much a size may count for at all:
+  `screening.capped_sizes`);
+- arrays: they decode, and each is real floating point (`FLOAT_DTYPES`): a
+  bool, int, string or bytes array is not a weight, even when numpy can add it;
+- the init reply (θ₀ and the checkpoint layout, `read_init_reply`): its layout
+  is checked field by field (`export.layout_problem`, so it chooses no path)
+  and θ₀ is screened like an update: floating point, finite, bounded, and
+  exactly the arrays the layout names.
 
 `canonical_content` renames the records of an accepted reply to `arrays` and
 `metrics`, so what follows may read them by name. `screening` applies these
@@ -26,9 +36,12 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from flwr.app import Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from fgrpo.errors import FederationError
 from fgrpo.federation import wire
+from fgrpo.federation.export import layout_from_text
 
 CLIENT_ID = wire.CLIENT_ID
 NUM_EXAMPLES = wire.NUM_EXAMPLES
@@ -50,6 +63,13 @@ NON_NEGATIVE = (wire.REWARD_STD, wire.TRAIN_TIME)
 MAX_COUNT = 10**9
 MAX_ABS_REWARD = 1e9
 MAX_SECONDS = 1e7
+# Task families in one evaluation reply, and the length of a family name: far beyond any real task suite.
+MAX_FAMILIES = 1000
+MAX_FAMILY_NAME = 200
+# The dtypes weights travel in (what numpy, safetensors and the codecs' decoders share).
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# θ₀'s entries: a real model's weights are a few units at most; 1e30 would only set every client up to diverge.
+MAX_ABS_INITIAL = 1e4
 
 
 def check_records(content: RecordDict, *, train: bool) -> str | None:
@@ -111,6 +131,8 @@ def check_train_metrics(metrics: Mapping, num_clients: int, weight_key: str = NU
         return f"reported {NUM_EXAMPLES} = 0 (nothing trained)"
     if not metrics[weight_key] >= 0:
         return f"'{weight_key}' must be >= 0"
+    if weight_key == wire.UNIT_WEIGHT and metrics[weight_key] != 1:
+        return f"'{wire.UNIT_WEIGHT}' must be 1 (every client weighs the same under DP)"
     if abs(metrics[wire.REWARD_MEAN]) > MAX_ABS_REWARD:
         return f"'{wire.REWARD_MEAN}' must be within ±{MAX_ABS_REWARD:g}"
     for key in NON_NEGATIVE:
@@ -143,6 +165,8 @@ def check_evaluate_metrics(metrics: Mapping, num_clients: int) -> str | None:
         return problem
     families = {key[len(wire.FAMILY_ACC):] for key in metrics if key.startswith(wire.FAMILY_ACC)}
     counted = {key[len(wire.FAMILY_N):] for key in metrics if key.startswith(wire.FAMILY_N)}
+    if len(families) > MAX_FAMILIES or any(len(family) > MAX_FAMILY_NAME for family in families):
+        return f"at most {MAX_FAMILIES} 'acc/<family>' metrics, each family name at most {MAX_FAMILY_NAME} characters"
     if families != counted:
         return f"each 'acc/<family>' needs its 'n/<family>' and back (unmatched: {sorted(families ^ counted)[:5]})"
     for family in sorted(families):
@@ -152,6 +176,81 @@ def check_evaluate_metrics(metrics: Mapping, num_clients: int) -> str | None:
     if families and sum(metrics[f"{wire.FAMILY_N}{f}"] for f in families) != n:
         return f"the 'n/<family>' counts do not add up to {NUM_EXAMPLES} = {n}"
     return None
+
+
+def decode_arrays(record: ArrayRecord) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """(the record's arrays, None), or (None, why they do not decode): a peer's bytes never raise here."""
+    arrays = {}
+    for name, array in record.items():
+        try:
+            arrays[name] = array.numpy()
+        except Exception as error:  # numpy's loader raises ValueError, EOFError, OSError... on foreign bytes
+            return None, f"array '{name[:80]}' does not decode as a numpy array ({type(error).__name__})"
+    return arrays, None
+
+
+def dtype_problem(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """Why the arrays are not all real floating point (`FLOAT_DTYPES`, native byte order), or None."""
+    for name, value in arrays.items():
+        dtype = getattr(value, "dtype", None)
+        if not isinstance(value, np.ndarray) or dtype not in FLOAT_DTYPES:
+            expected = "/".join(str(d) for d in FLOAT_DTYPES)
+            return f"array '{name[:80]}' is {dtype if dtype is not None else type(value).__name__}, expected floating point ({expected})"
+    return None
+
+
+def initial_arrays_problem(
+    arrays: Mapping[str, np.ndarray], names: Mapping[str, str], reference: Mapping[str, np.ndarray] | None = None
+) -> str | None:
+    """Why θ₀ cannot start the run, or None: the layout's arrays, floating point, finite, |θ| <= MAX_ABS_INITIAL.
+
+    With `reference` (a resumed run's checkpointed θ_t), θ₀ must also have its names and shapes: the final
+    adapter is written with this layout.
+    """
+    if set(arrays) != set(names):
+        missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
+        return f"θ₀ does not match its checkpoint layout: missing {missing[:3]}, unexpected {extra[:3]}"
+    if problem := dtype_problem(arrays):
+        return f"θ₀: {problem}"
+    if reference is not None:
+        if set(arrays) != set(reference):
+            missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+            return f"θ₀ does not match the checkpointed run's arrays: missing {missing[:3]}, unexpected {extra[:3]}"
+        for name, value in arrays.items():
+            if value.shape != np.shape(reference[name]):
+                return f"θ₀: '{name[:80]}' has shape {value.shape}, the checkpointed run's has {np.shape(reference[name])}"
+    for name, value in arrays.items():
+        if not np.all(np.isfinite(value)):
+            return f"θ₀: non-finite values (NaN/Inf) in '{name[:80]}'"
+        if value.size and float(np.max(np.abs(value))) > MAX_ABS_INITIAL:
+            return f"θ₀: '{name[:80]}' has values beyond ±{MAX_ABS_INITIAL:g}, which no model's starting weights hold"
+    return None
+
+
+def read_init_reply(
+    content: RecordDict, reference: Mapping[str, np.ndarray] | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
+    """(θ₀, checkpoint layout) from an init reply, each checked; FederationError says why the reply is refused.
+
+    The reply holds one ArrayRecord (θ₀) and one ConfigRecord whose
+    `checkpoint-layout` is the layout's JSON text, and nothing else.
+    `reference`: see `initial_arrays_problem`.
+    """
+    arrays, metrics, configs = len(content.array_records), len(content.metric_records), len(content.config_records)
+    if (arrays, metrics, configs) != (1, 0, 1):
+        raise FederationError(
+            f"the init reply must carry one ArrayRecord and one ConfigRecord and nothing else "
+            f"(got {arrays} ArrayRecord, {metrics} MetricRecord, {configs} ConfigRecord)"
+        )
+    config = next(iter(content.config_records.values()))
+    if wire.CHECKPOINT_LAYOUT not in config:
+        raise FederationError(f"the init reply has no '{wire.CHECKPOINT_LAYOUT}'")
+    layout = layout_from_text(config[wire.CHECKPOINT_LAYOUT])
+    theta, problem = decode_arrays(next(iter(content.array_records.values())))
+    problem = problem or initial_arrays_problem(theta, layout["names"], reference)
+    if problem is not None:
+        raise FederationError(problem)
+    return theta, layout
 
 
 def bind_client(node_id: int, client_id: int, bindings: dict[int, int]) -> str | None:
@@ -166,6 +265,19 @@ def bind_client(node_id: int, client_id: int, bindings: dict[int, int]) -> str |
     if owners:
         return f"client-id {client_id} belongs to node {owners[0]}"
     bindings[node_id] = client_id
+    return None
+
+
+def bind_size(client_id: int, size: int, sizes: dict[int, int]) -> str | None:
+    """Bind a client's first accepted `num-examples` (in place); the reason a later, larger claim is refused.
+
+    `sizes` maps client id -> that first size and lives as long as the run (it
+    is checkpointed). A client's data does not grow during a run, so a larger
+    claim is not its data; a smaller one (a client that drops examples) is kept.
+    """
+    first = sizes.setdefault(client_id, size)
+    if size > first:
+        return f"'{NUM_EXAMPLES}' = {size} is more than the {first} client {client_id} declared first"
     return None
 
 
@@ -208,13 +320,21 @@ def error_reason(reason: str) -> str:
 
 
 def screen_round(
-    replies: list[Message], *, train: bool, num_clients: int, bindings: dict[int, int], weight_key: str = NUM_EXAMPLES
+    replies: list[Message],
+    *,
+    train: bool,
+    num_clients: int,
+    bindings: dict[int, int],
+    weight_key: str = NUM_EXAMPLES,
+    sizes: dict[int, int] | None = None,
 ) -> tuple[list[Message], list[Refusal]]:
     """Split one round's replies into accepted ones (records renamed, see `canonical_content`) and refusals.
 
     Error replies, broken records or metrics, duplicate ids and ids that are
     not the node's own are refused. `bindings` (node id -> client id) gains
-    the first sight of each node.
+    the first sight of each node; `sizes` (client id -> first num-examples,
+    kept apart for training and evaluation) the first size of each client, and
+    a later claim above it is refused (`bind_size`).
     """
     refused: list[Refusal] = []
     passed: list[tuple[Message, int]] = []
@@ -246,6 +366,8 @@ def screen_round(
             problem = f"client-id {client_id} was reported by several nodes in this round"
         else:
             problem = bind_client(node, client_id, bindings)
+        if problem is None and sizes is not None:
+            problem = bind_size(client_id, int(next(iter(reply.content.metric_records.values()))[NUM_EXAMPLES]), sizes)
         if problem is not None:
             refused.append(Refusal(node, bindings.get(node), problem))
             continue

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedMedian, FedTrimmedAvg, Strategy
 
 from fgrpo.config import Config, dump_config
 from fgrpo.errors import ConfigError, FederationError
@@ -43,11 +43,11 @@ from fgrpo.federation.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from fgrpo.federation.export import layout_from_text, save_weights
+from fgrpo.federation.export import save_weights
 from fgrpo.federation.hetlora import full_rank, rankwise_correction
 from fgrpo.federation.methods import build_strategy, local_steps_per_round, prompts_per_step, weight_key
-from fgrpo.federation.reply_checks import error_reason, screen_round
-from fgrpo.federation.screening import Failure, clip_replies, screen_replies
+from fgrpo.federation.reply_checks import decode_arrays, error_reason, read_init_reply, screen_round
+from fgrpo.federation.screening import Failure, cap_sizes, capped_sizes, clip_replies, screen_replies
 from fgrpo.federation.strategies import WeightedAverage
 from fgrpo.registry import MIXED_RANK_METHODS, PERSONAL_METHODS, SERVER_LR_METHODS
 from fgrpo.federation.wire import ACC_HELDOUT, arrays_nbytes, arrays_to_record, record_to_arrays, scale_update
@@ -67,14 +67,24 @@ INIT_TIMEOUT_S = 600.0
 
 
 def _record_bytes(message: Message) -> int:
-    return sum(arrays_nbytes(record_to_arrays(record)) for record in message.content.array_records.values())
+    """Bytes of a message's arrays; a reply's arrays that do not decode (screening refuses them) count as sent."""
+    total = 0
+    for record in message.content.array_records.values():
+        arrays, _ = decode_arrays(record)
+        total += arrays_nbytes(arrays) if arrays is not None else sum(len(array.data) for array in record.values())
+    return total
 
 
-def init_from_client(grid: Grid, node_ids: list[int], timeout: float | None) -> tuple[ArrayRecord, dict]:
-    """(θ₀, checkpoint layout) from the first node that answers the init query (they all hold the same θ₀).
+def init_from_client(
+    grid: Grid, node_ids: list[int], timeout: float | None, reference: dict[str, np.ndarray] | None = None
+) -> tuple[ArrayRecord, dict, list[Failure]]:
+    """(θ₀, checkpoint layout, refused init replies) from the first node whose init reply passes the checks.
 
-    When none can, the error says why once per distinct reason (a bad config
-    fails the same way on every node).
+    They all hold the same θ₀; a reply is refused (`reply_checks.read_init_reply`:
+    a layout that names a path or is not JSON, θ₀ that is not finite floating
+    point, or not shaped like `reference`, a resumed run's θ_t) and the next
+    node is asked. When none can, the error says why once per distinct reason
+    (a bad config fails the same way on every node).
     """
     failures: list[Failure] = []
     for node in sorted(node_ids):
@@ -82,11 +92,13 @@ def init_from_client(grid: Grid, node_ids: list[int], timeout: float | None) -> 
         for reply in grid.send_and_receive([message], timeout=timeout):
             if reply.has_error():
                 failures.append(Failure(node, None, error_reason(reply.error.reason)[:300]))
-            elif wire.ARRAYS in reply.content and wire.CONFIG in reply.content:
-                layout = layout_from_text(str(reply.content[wire.CONFIG][wire.CHECKPOINT_LAYOUT]))
-                return reply.content[wire.ARRAYS], layout
-            else:
-                failures.append(Failure(node, None, f"the init reply lacks '{wire.ARRAYS}' or '{wire.CONFIG}'"))
+                continue
+            try:
+                theta, layout = read_init_reply(reply.content, reference)
+            except FederationError as error:
+                failures.append(Failure(node, None, f"init reply refused: {error}"[:400]))
+                continue
+            return arrays_to_record(theta), layout, failures
     raise FederationError(
         f"round 0: no client could load the model and send the starting adapter θ₀ (the server holds no model): "
         f"{summarize_failures(failures) or 'no reply'}; nothing was kept: fix the cause and run the same command again"
@@ -107,21 +119,26 @@ def summarize_failures(failures: list[Failure], limit: int = 600) -> str:
 
 
 def global_accuracy(eval_replies: list[Message]) -> dict[str, float]:
-    """Pool the clients' held-out results: their splits together are the pooled held-out set."""
-    total, correct = 0, 0.0
+    """Pool the clients' held-out results: their splits together are the pooled held-out set.
+
+    Each client's count is its own word, so it counts as `screening.capped_sizes`
+    allows (its per-family counts scaled alike): one client claiming 1e9
+    examples, all correct, moves the pooled accuracy by at most its capped
+    share of the round, never to 100%.
+    """
+    total, correct = 0.0, 0.0
     family_n: dict[str, float] = {}
     family_correct: dict[str, float] = {}
-    for reply in eval_replies:
-        metrics = reply.content[wire.METRICS]
-        n = float(metrics[wire.NUM_EXAMPLES])
-        if n == 0 or ACC_HELDOUT not in metrics:
-            continue
+    scored = [r.content[wire.METRICS] for r in eval_replies]
+    scored = [m for m in scored if float(m[wire.NUM_EXAMPLES]) > 0 and ACC_HELDOUT in m]
+    claims = [float(m[wire.NUM_EXAMPLES]) for m in scored]
+    for metrics, claim, n in zip(scored, claims, capped_sizes(claims)):
         total += n
         correct += float(metrics[ACC_HELDOUT]) * n
         for key in metrics:
             if key.startswith(wire.FAMILY_ACC):
                 family = key[len(wire.FAMILY_ACC):]
-                fn = float(metrics[f"{wire.FAMILY_N}{family}"])
+                fn = float(metrics[f"{wire.FAMILY_N}{family}"]) * (n / claim)
                 family_n[family] = family_n.get(family, 0) + fn
                 family_correct[family] = family_correct.get(family, 0) + float(metrics[key]) * fn
     result = {GLOBAL_ACC: correct / total if total else float("nan")}
@@ -135,15 +152,19 @@ def global_accuracy(eval_replies: list[Message]) -> dict[str, float]:
 
 
 def aggregation_weights(strategy: Strategy, ok: list[Message], key: str) -> dict[int, tuple[float, float | None]]:
-    """client-id -> (weight, gain) of the last aggregation.
+    """client-id -> (weight, gain) of the last aggregation: the weights the strategy really used.
 
     fgrpo's strategies report their own (`WeightedAverage.last_aggregation`);
-    Flower's FedAvg family weighs each reply by its `key` metric (n_k, or 1 under DP).
+    Flower's FedMedian and FedTrimmedAvg ignore the sizes (one equal vote each:
+    1/K); the rest of Flower's FedAvg family weighs each reply by its `key`
+    metric (n_k as `screening.cap_sizes` left it, or 1 under DP).
     """
     inner = strategy.strategy if isinstance(strategy, DifferentialPrivacyClientSideFixedClipping) else strategy
     if isinstance(inner, WeightedAverage) and inner.last_aggregation is not None:
         last = inner.last_aggregation
         return {cid: (w, g) for cid, w, g in zip(last.client_ids, last.weights, last.gains)}
+    if isinstance(inner, (FedMedian, FedTrimmedAvg)):
+        return {int(r.content[wire.METRICS][wire.CLIENT_ID]): (1.0 / len(ok), None) for r in ok}
     sizes = np.array([float(r.content[wire.METRICS].get(key, 1.0)) for r in ok])
     weights = sizes / sizes.sum() if sizes.sum() > 0 else np.full(len(sizes), 1 / max(1, len(sizes)))
     return {int(r.content[wire.METRICS][wire.CLIENT_ID]): (float(w), None) for r, w in zip(ok, weights)}
@@ -243,6 +264,9 @@ class RoundLoop:
     final_global_set: float | None = None  # local-only's accuracy on the whole held-out set
     norms: dict[int, tuple[float, float]] = field(default_factory=dict)  # client id -> (update norm, clip factor)
     ranks: dict[int, int] = field(default_factory=dict)  # client id -> the LoRA rank it last declared
+    train_sizes: dict[int, int] = field(default_factory=dict)  # client id -> the num-examples it first trained on
+    eval_sizes: dict[int, int] = field(default_factory=dict)  # client id -> the held-out count it first reported
+    counted: dict[int, tuple[float, float]] = field(default_factory=dict)  # client id -> (claimed, counted) size
 
     @property
     def round_config(self) -> ConfigRecord:
@@ -277,10 +301,12 @@ class RoundLoop:
             ranks=self.ranks,
             mixed_ranks=fed.method in MIXED_RANK_METHODS and not fed.dp.enabled,
             personal=fed.method in PERSONAL_METHODS,
+            sizes=self.train_sizes,
         )
         # Local-only owners share nothing, so there is no average to protect: their updates are not clipped.
         multiple = None if fed.method == "local" else fed.defense.clip_multiple
         ok, self.norms, rejected = clip_replies(ok, current, multiple, fed.defense.norm_clip_mode)
+        self.counted = cap_sizes(ok, weight_key(self.config))
         return ok, failures + rejected
 
     def aggregate(self, server_round: int, ok: list[Message]) -> bool:
@@ -308,22 +334,28 @@ class RoundLoop:
         weights = aggregation_weights(self.strategy, ok, weight_key(self.config))
         return arrays_to_record(rankwise_correction(theta, record_to_arrays(aggregate), ranks, [weights[c][0] for c in ids]))
 
-    def log_clients(self, server_round: int, ok: list[Message], failures: list[Failure]) -> None:
-        """One record per failure and per aggregated client: its statistics, norm, weight and gain."""
+    def log_failures(self, server_round: int, failures: list[Failure], prefix: str = "") -> None:
+        """One `failure` record per refused reply, with its node, its client (if known) and why."""
         for failure in failures:
             known = {} if failure.client_id is None else {"client": failure.client_id}
-            self.writer.write("failure", round=server_round, node=failure.node_id, reason=failure.reason, **known)
-        weights = aggregation_weights(self.strategy, ok, weight_key(self.config))
+            self.writer.write("failure", round=server_round, node=failure.node_id, reason=f"{prefix}{failure.reason}", **known)
+
+    def log_clients(self, server_round: int, ok: list[Message], failures: list[Failure]) -> None:
+        """One record per failure and per aggregated client: its statistics, norm, weight and gain."""
+        self.log_failures(server_round, failures)
+        key = weight_key(self.config)
+        weights = aggregation_weights(self.strategy, ok, key)
         for reply in ok:
             m = reply.content[wire.METRICS]
             cid = int(m[wire.CLIENT_ID])
             weight, gain = weights.get(cid, (None, None))
             norm, factor = self.norms[cid]
+            claimed, counted = self.counted[cid]
             record = {
                 "client/reward_mean": float(m[wire.REWARD_MEAN]),
                 "client/reward_std": float(m[wire.REWARD_STD]),
                 "client/accuracy": float(m[wire.ACCURACY]),
-                "client/num_examples": int(m[wire.NUM_EXAMPLES]),
+                "client/num_examples": int(claimed if key == wire.NUM_EXAMPLES else m[wire.NUM_EXAMPLES]),  # as claimed
                 "client/train_s": float(m[wire.TRAIN_TIME]),
                 "client/update_norm": norm,
             }
@@ -331,6 +363,8 @@ class RoundLoop:
                 record["client/lora_rank"] = self.ranks[cid]
             if factor < 1.0:
                 record["defense/clip_factor"] = factor
+            if counted < claimed:
+                record["defense/size_counted"] = counted  # the size weighed, below the claimed one
             if self.config.federation.method != "local":
                 record["agg/weight"] = weight
             if gain is not None:
@@ -343,7 +377,11 @@ class RoundLoop:
         answered = self.send(list(messages))
         # Evaluation replies pass the same rules as training replies (ids bound to nodes, values in range).
         replies, refused = screen_round(
-            answered, train=False, num_clients=self.config.federation.num_clients, bindings=self.node_clients
+            answered,
+            train=False,
+            num_clients=self.config.federation.num_clients,
+            bindings=self.node_clients,
+            sizes=self.eval_sizes,
         )
         errors = [Failure(*refusal) for refusal in refused]
         if server_round == 0 and not replies:
@@ -351,9 +389,7 @@ class RoundLoop:
                 f"round 0: no client could evaluate the starting model ({summarize_failures(errors) or 'no replies'}); "
                 f"nothing was kept in '{self.run_dir}': fix the cause and run the same command again"
             )
-        for failure in errors:
-            known = {} if failure.client_id is None else {"client": failure.client_id}
-            self.writer.write("failure", round=server_round, node=failure.node_id, reason=f"evaluate: {failure.reason}", **known)
+        self.log_failures(server_round, errors, "evaluate: ")
         for reply in replies:
             m = reply.content[wire.METRICS]
             if ACC_HELDOUT in m:
@@ -379,7 +415,11 @@ class RoundLoop:
                 final_accuracy=self.final_accuracy,
                 elapsed_s=time.perf_counter() - self.started,
                 grid_state=self.grid.state_dict() if hasattr(self.grid, "state_dict") else None,
-                extra={"node_clients": dict(self.node_clients)},
+                extra={
+                    "node_clients": dict(self.node_clients),
+                    "train_sizes": dict(self.train_sizes),
+                    "eval_sizes": dict(self.eval_sizes),
+                },
             ),
         )
 
@@ -409,9 +449,7 @@ class RoundLoop:
         aggregate_start = time.perf_counter()
         ok, failures = self.screen(messages, replies)
         if len(ok) < min(fed.min_train_clients, len(messages)):
-            for failure in failures:
-                known = {} if failure.client_id is None else {"client": failure.client_id}
-                self.writer.write("failure", round=server_round, node=failure.node_id, reason=failure.reason, **known)
+            self.log_failures(server_round, failures)
             raise FederationError(
                 f"round {server_round}: only {len(ok)} of {len(messages)} clients succeeded "
                 f"(min_train_clients = {fed.min_train_clients}); {summarize_failures(failures)}. "
@@ -474,11 +512,11 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
     node_ids = list(grid.get_node_ids())
     strategy = build_strategy(config, len(node_ids))
     init_timeout = None if fed.round_timeout_s is None else max(fed.round_timeout_s, INIT_TIMEOUT_S)
-    initial_arrays, layout = init_from_client(grid, node_ids, init_timeout)
+    initial_arrays, layout, init_failures = init_from_client(grid, node_ids, init_timeout, None if state is None else state.arrays)
     if state is None:
         random.seed(seed)  # Flower strategies sample nodes with the `random` module
         np.random.seed(seed)  # Flower's DP noise uses NumPy's global RNG
-        arrays, first_round, elapsed, node_clients = initial_arrays, 1, 0.0, {}
+        arrays, first_round, elapsed, node_clients, sizes = initial_arrays, 1, 0.0, {}, {}
     else:
         arrays = arrays_to_record(state.arrays)
         load_strategy_state(strategy, state.strategy)
@@ -486,6 +524,7 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
         if state.grid_state is not None and hasattr(grid, "load_state_dict"):
             grid.load_state_dict(state.grid_state)
         node_clients = dict(state.extra.get("node_clients", {}))
+        sizes = {key: dict(state.extra.get(key, {})) for key in ("train_sizes", "eval_sizes")}
         check_metrics_prefix(run_dir / "metrics.jsonl", state)  # again, right before the only truncation
         with open(run_dir / "metrics.jsonl", "r+b") as handle:  # drop records of the round the crash cut short
             handle.truncate(state.metrics_offset)
@@ -495,6 +534,8 @@ def _run(grid: Grid, config: Config, directory: RunDirectory, state: ServerState
     trackers = open_trackers(run_dir, config, name=f"{fed.method}-seed{seed}")
     with MetricsWriter(run_dir, fed.method, seed, trackers) as writer, progress_bar(progress) as bar:
         loop = RoundLoop(grid, config, run_dir, strategy, writer, arrays, time.perf_counter() - elapsed, node_clients)
+        loop.train_sizes, loop.eval_sizes = sizes.get("train_sizes", {}), sizes.get("eval_sizes", {})
+        loop.log_failures(first_round - 1, init_failures)
         task = bar.add_task(f"{fed.method} seed {seed}", total=fed.rounds, completed=first_round - 1, info="")
         if state is None:
             loop.initial_round()
