@@ -379,3 +379,15 @@ def test_a_reward_module_that_exits_or_interrupts_on_import_is_one_config_error(
     monkeypatch.delitem(sys.modules, "exits_on_import_mod", raising=False)
     with pytest.raises(ConfigError, match=message):
         resolve_reward_function("exits_on_import_mod:fn")
+
+
+def test_rewards_read_chat_replies_through_the_answer_style_column():
+    """compute_rewards hands each example's answer_style to the reward functions: a chat reply's stated
+    answer is scored, and the format reward asks for a stated answer, not a number written last."""
+    from fgrpo.data.tasks import with_prompt_style
+
+    example = with_prompt_style([Example("7*8=", "56", "mul")], "chat")[0]
+    replies = ["7 times 8 is 56. The answer is 56.", "7 times 8 is 56", "The answer is 54.", "I do not know."]
+    reward = WeightedReward([("exact_match", 1.0), ("format", 0.5)])
+    scored = compute_rewards([example] * 4, replies, reward)
+    assert list(scored.rewards) == [1.5, 1.0, 0.5, 0.0]

@@ -292,3 +292,67 @@ def test_load_jsonl_missing_file_and_directory(tmp_path):
         load_jsonl(tmp_path / "nothere.jsonl")
     with pytest.raises(DataError, match="not a file"):
         load_jsonl(tmp_path)
+
+
+# --------------------------------------------------------------------------- chat style (a real chat model)
+
+from fgrpo.data.tasks import CHAT_INSTRUCTION, chat_prompt, with_prompt_style  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "family,compact,question",
+    [
+        ("add", "12+34=", "What is 12 + 34?"),
+        ("sub", "51-7=", "What is 51 - 7?"),
+        ("mul", "46*4=", "What is 46 times 4?"),
+        ("sort", "sort 3142=", "Write the digits of 3142 sorted from smallest to largest."),
+        ("count", "count 4 in 0414=", "How many times does the digit 4 appear in 0414?"),
+        ("reverse", "rev 120=", "Write the digits of 120 in reverse order."),
+        ("max", "max 12 7 30=", "Which is the largest of 12, 7 and 30?"),
+    ],
+)
+def test_every_family_asks_its_question_in_words(family, compact, question):
+    assert chat_prompt(family, compact) == f"{question} {CHAT_INSTRUCTION}"
+
+
+def test_chat_style_rewrites_prompts_one_to_one_and_keeps_answers():
+    train, test = make_splits([FamilySpec(name, 3) for name in FAMILIES], 30, 10, seed=0)
+    chat = with_prompt_style(test, "chat")
+    assert [ex.answer for ex in chat] == [ex.answer for ex in test]
+    assert len({ex.prompt for ex in chat}) == len({ex.prompt for ex in test})  # distinct stays distinct
+    assert all(ex.answer_style == "sentence" and ex.prompt.endswith(CHAT_INSTRUCTION) for ex in chat)
+    assert with_prompt_style(test, "compact") == test
+    loaded = Example("Tom has 3 apples…", "5", "gsm8k")
+    assert with_prompt_style([loaded], "chat")[0].prompt == loaded.prompt  # data files keep their own words
+
+
+@pytest.mark.parametrize(
+    "completion,family,expected",
+    [
+        ("6 + 7 = 13, so Tom has 13 apples. The answer is 13.", "add", "13"),
+        ("The answer is $1,234$.", "add", "1234"),
+        ("**Answer:** 42", "max", "42"),
+        ("So 3.5 is it. The answer is 3.5.", None, "3.5"),
+        ("The answer is 13 apples.", "add", "13"),
+        ("so the total is 42", "add", "42"),  # no stated answer: the last number
+        ("The answer is 0124.", "sort", "0124"),  # string families keep leading zeros
+        ("the answer is 12\nthen I counted 99", "count", "12"),  # a stated answer beats a later number
+        ("I am not sure.", "add", None),
+        ("The answer is N.", "add", "N"),  # the placeholder copied: no number, so never correct
+    ],
+)
+def test_answers_are_read_from_verbose_replies(completion, family, expected):
+    assert extract_answer(completion, family, "sentence") == expected
+
+
+def test_line_style_is_unchanged_for_the_tiny_model():
+    assert extract_answer("46\nThe answer is 12.", "add") == "46"
+    assert extract_answer("46\nThe answer is 12.", "add", "sentence") == "12"
+
+
+def test_prompt_style_auto_follows_the_model(tmp_path):
+    from fgrpo.config import config_from_dict
+
+    assert config_from_dict({"model": {"source": "tiny"}}).tasks.prompt_style == "compact"
+    assert config_from_dict({"model": {"source": "smollm2-135m"}}).tasks.prompt_style == "chat"
+    assert config_from_dict({"model": {"source": "tiny"}, "tasks": {"prompt_style": "chat"}}).tasks.prompt_style == "chat"

@@ -413,7 +413,7 @@ def compute_rewards(
         raise RewardError(f"{len(completions)} completions for {len(examples)} examples; expected one per example")
     prompts = [example.prompt for example in examples]
     rows = [example.columns() for example in examples]
-    columns = {key: [row[key] for row in rows] for key in ("answer", "family", "reward_scale")}
+    columns = {key: [row[key] for row in rows] for key in ("answer", "family", "reward_scale", "answer_style")}
     shared = set.intersection(*(set(example.meta) for example in examples)) if examples else set()
     for key in sorted(shared - set(columns)):
         columns[key] = [example.meta[key] for example in examples]
