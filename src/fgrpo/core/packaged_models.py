@@ -36,7 +36,9 @@ from pathlib import Path
 from fgrpo.cache import cache_root
 from fgrpo.errors import ModelError
 
-MARKER = ".fgrpo-model"  # written last into a complete cached folder: {"sha256": ..., "source": ...}
+MARKER = ".fgrpo-model"  # written last into a complete cached folder: {"sha256": ..., "source": ..., "format": ...}
+# Bumped when the folder's contents change, so older caches are rebuilt (2: no stale GGUF quantization_config).
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,12 @@ def _complete(folder: Path, sha256: str) -> bool:
         marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker.get("sha256") == sha256 and (folder / "config.json").is_file()
+    return (
+        isinstance(marker, dict)
+        and marker.get("sha256") == sha256
+        and marker.get("format") == CACHE_FORMAT
+        and (folder / "config.json").is_file()
+    )
 
 
 def _disk_error(exc: OSError, where: Path, what: str) -> ModelError:
@@ -211,10 +218,15 @@ def gguf_to_folder(gguf: Path, out: Path, sha256: str, source: str) -> None:
     except Exception as exc:  # transformers raises many types for an unreadable or unsupported GGUF
         raise ModelError(f"cannot read the GGUF model '{source}': {type(exc).__name__}: {exc}") from None
     # transformers refuses save_pretrained on a GGUF-loaded model; the same weights in a fresh model save.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The weights are dequantized now: a leftover {"quant_method": "gguf"} would make transformers attach a GGUF
+    # quantizer on every load, and Trainer-based tools (TRL) refuse to train such a model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     out.mkdir(parents=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / MARKER).write_text(json.dumps({"sha256": sha256, "source": source}), encoding="utf-8")
+    (out / MARKER).write_text(json.dumps({"sha256": sha256, "source": source, "format": CACHE_FORMAT}), encoding="utf-8")
