@@ -70,3 +70,21 @@ def test_an_unknown_reward_option_is_refused_naming_its_key():
         build_reward(TasksConfig(rewards=[{"name": "exact_match", "kwargs": {"strict": True}}]))
     fitting = build_reward(TasksConfig(rewards=[{"name": "length_penalty", "kwargs": {"soft_cache": 4}}]), 16)
     assert fitting.score(["p"], ["x" * 16], {"answer": ["1"]})[0][0] == -1.0  # max_length 16 bound, 16 chars: −1
+
+
+@pytest.mark.parametrize("verifier", ["exact", "math"])
+def test_chat_style_reads_gsm8k_answers_from_sentences(verifier):
+    """With a chat model, data files keep their own words and their answers are read from the reply's sentence."""
+    from fgrpo.data.tasks import is_correct
+
+    tasks = {
+        "families": [],
+        "sources": [{"name": "gsm8k", "path": str(SAMPLE_GSM8K), "verifier": verifier}],
+        "prompt_style": "chat",
+    }
+    splits = build_task_splits(config_from_dict({"tasks": tasks}).tasks)
+    example = splits.test[0]
+    assert example.answer_style == "sentence" and "The answer is" not in example.prompt
+    reply = f"First I add the numbers, 3 + 4 = 7, then more steps. The answer is {example.answer}."
+    assert is_correct(example, reply)
+    assert not is_correct(example, f"The answer is {example.answer}1.")
