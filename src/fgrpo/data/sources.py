@@ -143,7 +143,7 @@ def load_source(source: SourceConfig) -> list[Example]:
         checker = source.verifier if source.verifier != "auto" else ("math" if fmt == "math" else "exact")
         meta = {k: v for k, v in row.items() if k not in (prompt_column, answer_column) and _scalar(v)}
         meta["source"] = source.name
-        examples.append(Example(prompt, answer, family, tuple(source.reward_scale), checker, meta))
+        examples.append(Example(prompt, answer, family, tuple(source.reward_scale), checker, meta=meta))
     if not examples:
         raise DataError(f"{source.path}: source '{source.name}' has no examples (empty file?)")
     return examples

@@ -55,9 +55,9 @@ class Example:
     family: str  # task label ("add", ...); for loaded files the configured family name
     reward_scale: tuple[float, float] = (0.0, 1.0)  # a score s in [0, 1] maps to low + (high - low) * s
     checker: str = "exact"  # how correctness is judged: "exact" (normalized string) or "math" (math-verify)
-    answer_style: str = "line"  # how completions state the answer: "line" or "sentence" (answers.ANSWER_STYLES)
     # Other columns of a loaded row ("source", "subject", "level", ...): partition labels and reward kwargs.
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    answer_style: str = "line"  # how completions state the answer: "line" or "sentence" (answers.ANSWER_STYLES)
 
     def __post_init__(self) -> None:
         low, high = (float(v) for v in self.reward_scale)
