@@ -205,10 +205,11 @@ class GRPOLearner:
                 share = (end - begin) / rows
             yield (begin, end), share, token_share
 
-    def _micro_batch_loss(self, chunk: Rollouts, rows: tuple[int, int], advantages, loss_mask, old_log_probs, ref_log_probs):
+    def _micro_batch_loss(self, rollouts: Rollouts, rows: tuple[int, int], advantages, loss_mask, old_log_probs, ref_log_probs):
         """The GRPO loss of rows `rows` of the batch, with their logits only in memory."""
         cfg = self.config
         begin, end = rows
+        chunk = rollouts.rows(begin, end)
         mask = loss_mask[begin:end]
         logits = completion_logits(self.model, chunk, self.share_prompts)  # (n, T, V)
         log_probs = token_log_probs(logits, chunk.completion_ids, cfg.temperature)  # (n, T)
@@ -277,7 +278,7 @@ class GRPOLearner:
             self.optimizer.zero_grad(set_to_none=True)
             loss_value, kl, clip_fraction = 0.0, 0.0, 0.0
             for rows, share, token_share in self._micro_batches(rollouts, loss_mask):
-                out = self._micro_batch_loss(rollouts.rows(*rows), rows, advantages, loss_mask, old_log_probs, ref_log_probs)
+                out = self._micro_batch_loss(rollouts, rows, advantages, loss_mask, old_log_probs, ref_log_probs)
                 (out.loss * share).backward()  # the one-batch loss is the share-weighted sum of these
                 loss_value += float(out.loss.detach()) * share
                 kl += out.kl * token_share

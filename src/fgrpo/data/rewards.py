@@ -28,7 +28,15 @@ import numpy as np
 
 from fgrpo.errors import ConfigError, RewardError
 from fgrpo.data.answers import answer_column, completion_text, states_answer
-from fgrpo.data.tasks import Example, answer_is_numeric, answer_pattern, extract_answer, is_correct, normalize_answer
+from fgrpo.data.tasks import (
+    EXAMPLE_COLUMNS,
+    Example,
+    answer_is_numeric,
+    answer_pattern,
+    extract_answer,
+    is_correct,
+    normalize_answer,
+)
 
 RewardFunction = Callable[..., list]
 
@@ -405,7 +413,7 @@ def compute_rewards(
 ) -> RewardResult:
     """Score completions[i] against examples[i]: the reward functions see the examples' prompts and columns.
 
-    Columns are answer, family, reward_scale, every extra column (`meta`) that
+    Columns are answer, family, reward_scale, answer_style, every extra column (`meta`) that
     all examples of the batch share (e.g. 'level', 'source'), and, as TRL
     passes them, the `completion_ids` (token ids without padding) when given.
     """
@@ -413,7 +421,7 @@ def compute_rewards(
         raise RewardError(f"{len(completions)} completions for {len(examples)} examples; expected one per example")
     prompts = [example.prompt for example in examples]
     rows = [example.columns() for example in examples]
-    columns = {key: [row[key] for row in rows] for key in ("answer", "family", "reward_scale", "answer_style")}
+    columns = {key: [row[key] for row in rows] for key in EXAMPLE_COLUMNS}
     shared = set.intersection(*(set(example.meta) for example in examples)) if examples else set()
     for key in sorted(shared - set(columns)):
         columns[key] = [example.meta[key] for example in examples]

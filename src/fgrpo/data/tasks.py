@@ -48,6 +48,10 @@ SAMPLE_GSM8K = Path(__file__).parent / "sample_gsm8k.jsonl"
 LOADED_ANSWER_PATTERN = r"-?\d+(?:\.\d+)?"
 
 
+# The fields of an Example that reward functions receive as dataset columns (their one home).
+EXAMPLE_COLUMNS = ("answer", "family", "reward_scale", "answer_style")
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str
@@ -68,12 +72,7 @@ class Example:
 
     def columns(self) -> dict:
         """The dataset columns reward functions receive (as lists) through **kwargs."""
-        return {
-            "answer": self.answer,
-            "family": self.family,
-            "reward_scale": self.reward_scale,
-            "answer_style": self.answer_style,
-        }
+        return {key: getattr(self, key) for key in EXAMPLE_COLUMNS}
 
 
 @dataclass(frozen=True)
