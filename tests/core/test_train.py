@@ -192,3 +192,31 @@ def test_nan_probabilities_while_sampling_name_the_step_and_the_cause(small_conf
     scale = re.escape(f"model.lora.alpha / rank = {lora.alpha:g} / {lora.rank} = {lora.alpha / lora.rank:g} too large")
     with pytest.raises(TrainingError, match=rf"sampling at GRPO step 2: .*NaN or Inf.*grpo.learning_rate = .*{scale}"):
         learner.step(train[:2])
+
+
+def test_fgrpo_train_runs_on_the_threads_its_config_gives(small_config, tmp_path, monkeypatch):
+    """runtime.threads is the torch budget of `fgrpo train`'s one process (was ignored: torch took every core,
+    and two runs side by side each spun two threads on a 2-core machine)."""
+    import torch
+
+    import fgrpo.core.train as train
+
+    seen = []
+    real_build = train.build_learner
+
+    def build_and_look(config, seed):
+        seen.append(torch.get_num_threads())
+        return real_build(config, seed)
+
+    monkeypatch.setattr(train, "build_learner", build_and_look)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        config = small_config.model_copy(deep=True)
+        config.runtime.threads = 1
+        config.output.dir = str(tmp_path / "one-thread")
+        config.training.steps = 1
+        train.run_training(config, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]

@@ -11,6 +11,7 @@ import torch
 from fgrpo.config import Config
 from fgrpo.core.evaluate import evaluate
 from fgrpo.core.pipeline import build_learner, build_task_splits
+from fgrpo.core.threads import apply_threads, auto_threads
 from fgrpo.reporting.progress import progress_bar
 from fgrpo.reporting.results import MetricsWriter, RunDirectory, run_directory, write_config, write_summary
 from fgrpo.reporting.tracking import check_report_to, open_trackers
@@ -68,6 +69,9 @@ def _train(config: Config, directory: RunDirectory, progress: bool) -> dict:
     run_dir = directory.path
     write_config(run_dir, config)
     check_report_to(config)
+    # One process does all the work: runtime.threads ('auto' = the idle cores) is its torch budget. Without
+    # this, torch's default (every core) in each of several runs side by side oversubscribes the machine.
+    apply_threads(auto_threads(1, config.runtime.threads))
     seed = config.training.seed
     seed_everything(seed)
     splits = build_task_splits(config.tasks)
