@@ -21,6 +21,8 @@ from fgrpo.errors import FederationError
 from fgrpo.deploy.commands import (
     CONNECTION,
     LOOPBACK,
+    SUPEREXEC_POLL_ENV,
+    SUPEREXEC_POLL_S,
     flower_app_dir,
     flower_binary,
     flwr_run_command,
@@ -85,6 +87,8 @@ class LocalFederation:
         self.supernode_auth = supernode_auth
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.work_dir / "flwr-home")}
         self.env["PATH"] = path_with_flower(self.env.get("PATH", ""))  # Flower starts its own programs by name
+        # A SuperNode's SuperExec looks for a message to run once a second by default; 0.1 s costs nothing here.
+        self.env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
         self.threads = auto_threads(len(self.node_configs), threads, env=self.env)
         self.env.update(thread_env(self.threads))
         # Flower's processes run in other working directories: give them this very fgrpo, by absolute path.

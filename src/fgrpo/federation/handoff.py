@@ -372,6 +372,7 @@ def forward(message: Message, context: Context) -> Message:
     failed client; the next message starts a new worker, which rebuilds what it needs from the Context.
     """
     kind = message.metadata.message_type
+    started = time.perf_counter()
     with connect(context) as sock:
         send_frame(sock, {"kind": "message"}, encode_request(message, context))
         try:
@@ -382,7 +383,21 @@ def forward(message: Message, context: Context) -> Message:
                 f"the next message starts a new one (its log: {socket_path(context).with_suffix('.log')})",
                 public=f"this node's warm worker ended during the {kind} message (killed or crashed)",
             ) from None
-    return _reply(message, context, header, blobs)
+    reply = _reply(message, context, header, blobs)
+    log_timing(kind, time.perf_counter() - started, header.get("work_s"))
+    return reply
+
+
+TIMING = "fgrpo warm worker: {kind} message in {total:.3f} s (work {work:.3f} s, hand-off {handoff:.3f} s)"
+
+
+def log_timing(kind: str, total: float, work) -> None:
+    """One line per message in the SuperNode's log (Flower's logger: what a `flwr-clientapp` process prints goes
+    there): where the message's time went once Flower handed it over. `benchmarks/flower_overhead.py` reads it."""
+    from flwr.common.logger import log
+
+    work = float(work) if isinstance(work, (int, float)) and not isinstance(work, bool) else 0.0
+    log(logging.INFO, TIMING.format(kind=kind, total=total, work=work, handoff=max(total - work, 0.0)))
 
 
 def _reply(message: Message, context: Context, header: Mapping, blobs: Sequence[bytes]) -> Message:

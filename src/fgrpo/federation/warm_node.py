@@ -66,11 +66,13 @@ class WarmWorker:
         except Exception as error:  # noqa: BLE001 - the ClientApp's mods made it value-free; it goes back as is
             logger.info("%s message: raised %s (%.2f s)", kind, type(error).__name__, time.perf_counter() - started)
             return {"kind": "raised", "error": type(error).__name__, "text": str(error)}, []
+        work_s = time.perf_counter() - started
         self.messages += 1
-        logger.info("%s message %d: %.2f s", kind, self.messages, time.perf_counter() - started)
+        logger.info("%s message %d: %.2f s", kind, self.messages, work_s)
         if reply.has_error():
             return {"kind": "error-reply", "code": int(reply.error.code), "reason": str(reply.error.reason)}, []
-        return {"kind": "reply"}, [handoff.encode_records(reply.content), handoff.encode_records(context.state)]
+        blobs = [handoff.encode_records(reply.content), handoff.encode_records(context.state)]
+        return {"kind": "reply", "work_s": work_s}, blobs
 
     def _check_same_run(self, context) -> None:
         if (context.run_id, context.node_id) != (self.run_id, self.node_id):
