@@ -57,10 +57,10 @@ class WarmWorker:
         except FrameError as refusal:
             logger.warning("refused a request: %s", refusal)
             return {"kind": "refused", "reason": str(refusal)}, []
-        from fgrpo.federation.clientapp import client_app  # the first message pays for torch, once
+        started = time.perf_counter()  # the first message's work includes importing torch and the ClientApp, once
+        from fgrpo.federation.clientapp import client_app
 
         kind = message.metadata.message_type
-        started = time.perf_counter()
         try:
             reply = client_app(message, context)
         except Exception as error:  # noqa: BLE001 - the ClientApp's mods made it value-free; it goes back as is
