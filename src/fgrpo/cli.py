@@ -464,7 +464,8 @@ def flower_launch(
         with LocalFederation(node_configs(cfg), work, tls=tls, supernode_auth=auth, threads=cfg.runtime.threads) as federation:
             console.print(
                 f"SuperLink on {federation.address}, {len(federation.node_configs)} SuperNodes "
-                f"({federation.threads} torch thread{'s' if federation.threads != 1 else ''} each); logs in {work}"
+                f"({federation.threads} torch thread{'s' if federation.threads != 1 else ''} each, a warm worker per "
+                f"node keeping the model between messages); logs in {work}"
             )
             wall = federation.run(cfg, output, app, timeout_s=timeout)
     except BaseException:

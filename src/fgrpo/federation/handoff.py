@@ -319,7 +319,8 @@ def _spawn_lock(path: Path):
 
 
 def start_worker(path: Path, context: Context) -> subprocess.Popen:
-    """A detached warm worker for this (node, run): its own session, its log beside its socket (0600)."""
+    """A detached warm worker for this (node, run): its own session (a signal to the ClientApp process's group
+    does not reach it), the ClientApp process's environment and working directory, its log beside its socket."""
     pid, started = watched_process()
     package_root = str(Path(__file__).resolve().parents[2])  # this very fgrpo, wherever Flower runs from
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [package_root, os.environ.get("PYTHONPATH", "")] if p)}
@@ -330,8 +331,9 @@ def start_worker(path: Path, context: Context) -> subprocess.Popen:
     ]
     log = os.open(path.with_suffix(".log"), os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
     try:
+        # The ClientApp process's working directory: a node's relative data-path means there what it means here.
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   cwd=path.parent, start_new_session=True)
+                                   cwd=os.getcwd(), start_new_session=True)
     finally:
         os.close(log)
     logger.info("started warm worker %d for run %d on node %d (log: %s)", process.pid, context.run_id,
