@@ -79,6 +79,11 @@ def _in_process(config, results) -> None:
 
 def in_process_arm(config, limit_s: float) -> float:
     """The in-process run in a child process, so that a time limit can stop it."""
+    import os
+
+    # A child stopped at its limit leaves its queues' semaphores to multiprocessing's tracker, which would warn
+    # about them after the last line; that line is the answer.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     child = context.Process(target=_in_process, args=(config, results))
