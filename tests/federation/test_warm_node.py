@@ -252,3 +252,33 @@ def test_a_live_worker_refuses_garbage_and_goes_on(tmp_path, warm_dir):
         {k: v.numpy().tolist() for k, v in first.content["arrays"].items()}
     log = Path(str(path).removesuffix(".sock") + ".log").read_text()
     assert log.count("refused a request") >= 4 and "query message 2" in log
+
+
+@pytest.mark.slow
+def test_a_warm_node_refuses_server_named_files_as_a_fresh_process_does(tmp_path, warm_dir):
+    """The node-trust rules run in the worker on the node's own config: a run naming a data file is refused by a
+    node without allow-server-data, with the same value-free error as without a worker, and nothing is read."""
+    from fgrpo.federation.clientapp import client_app as cold_app
+    from fgrpo.errors import FgrpoError
+    from test_handoff import make_message
+
+    private = tmp_path / "server-named.jsonl"
+    private.write_text('{"prompt": "secret prompt", "answer": "42"}\n' * 10)
+    from conftest import small_config_dict
+
+    data = small_config_dict(tmp_path)
+    data["tasks"]["files"] = [{"path": str(private), "family": "f"}]
+    config = config_from_dict(data)
+    node = {"partition-id": 0, "num-partitions": 2, handoff.WARM_DIR: str(warm_dir)}  # no allow-server-data
+    query = make_message(RecordDict({"config": ConfigRecord({})}), "query")
+
+    def raised(app) -> FgrpoError:
+        context = Context(run_id=7, node_id=3, node_config=node, state=RecordDict(), run_config={CONFIG_KEY: dump_config(config)})
+        with pytest.raises(FgrpoError) as error:
+            app(query, context)
+        return error.value
+
+    warm, cold = raised(handoff.forward), raised(cold_app)
+    assert (type(warm), str(warm)) == (type(cold), str(cold))
+    assert "allow-server-data" in str(warm) and "secret" not in str(warm)
+    assert list(warm_dir.glob("*.sock")), "the message went to a warm worker"

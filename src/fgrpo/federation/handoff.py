@@ -91,16 +91,17 @@ def send_frame(sock: socket.socket, header: Mapping, blobs: Sequence[bytes] = ()
 
 
 def _read_exact(sock: socket.socket, size: int, *, at_start: bool = False) -> bytes:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
+    """`size` bytes; memory grows with the bytes that arrive, not with the size a peer claims."""
+    chunks, got = [], 0
     while got < size:
-        n = sock.recv_into(view[got:], min(size - got, 1 << 20))
-        if n == 0:
+        chunk = sock.recv(min(size - got, 1 << 20))
+        if not chunk:
             if at_start and got == 0:
                 raise Closed("the connection closed before a frame")
             raise FrameError(f"the connection closed {got} bytes into a {size}-byte part of a frame")
-        got += n
-    return bytes(buffer)
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def read_frame(sock: socket.socket) -> tuple[dict, list[bytes]]:

@@ -32,13 +32,14 @@ import sys
 import time
 from pathlib import Path
 
+from fgrpo.errors import FgrpoError
 from fgrpo.federation import handoff
 from fgrpo.federation.handoff import FrameError
 
 logger = logging.getLogger("fgrpo.warm_node")
 
 ACCEPT_POLL_S = 0.5  # how often an idle worker looks at its idle time and at the process it watches
-READ_TIMEOUT_S = 120.0  # a peer that stops sending mid-frame is dropped after this long
+READ_TIMEOUT_S = 10.0  # a peer that sends nothing for this long, mid-frame, is dropped (the worker serves one at a time)
 
 
 class WarmWorker:
@@ -57,15 +58,19 @@ class WarmWorker:
         except FrameError as refusal:
             logger.warning("refused a request: %s", refusal)
             return {"kind": "refused", "reason": str(refusal)}, []
-        started = time.perf_counter()  # the first message's work includes importing torch and the ClientApp, once
-        from fgrpo.federation.clientapp import client_app
-
         kind = message.metadata.message_type
+        started = time.perf_counter()  # the first message's work includes importing torch and the ClientApp, once
         try:
+            from fgrpo.federation.clientapp import client_app
+
             reply = client_app(message, context)
-        except Exception as error:  # noqa: BLE001 - the ClientApp's mods made it value-free; it goes back as is
+        except FgrpoError as error:  # the ClientApp's mods made it value-free: it goes back as it is
             logger.info("%s message: raised %s (%.2f s)", kind, type(error).__name__, time.perf_counter() - started)
             return {"kind": "raised", "error": type(error).__name__, "text": str(error)}, []
+        except Exception:  # noqa: BLE001 - outside the ClientApp's mods (its import): only the type leaves the node
+            logger.exception("%s message: the ClientApp could not run", kind)
+            text = "this node's warm worker could not run fgrpo's ClientApp (the details stay in its log)"
+            return {"kind": "raised", "error": "FgrpoError", "text": text}, []
         work_s = time.perf_counter() - started
         self.messages += 1
         logger.info("%s message %d: %.2f s", kind, self.messages, work_s)
