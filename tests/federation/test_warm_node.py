@@ -115,17 +115,17 @@ def test_a_worker_serves_one_run_of_one_node_and_refuses_any_other():
 @pytest.mark.slow
 def test_warm_results_equal_a_fresh_process_even_when_the_worker_is_killed_between_rounds(tmp_path, warm_dir):
     """With optimizer state kept across rounds, the final adapter is bit-identical to the run without warm workers
-    (the ClientApp in this process, as a fresh ClientApp process runs it), also when node 1's worker is killed after
+    (the ClientApp in this process, as a fresh ClientApp process runs it), also when the node's worker is killed after
     its round-1 reply (as a restarted node, or a worker that expired): the next message starts a new worker, and
     what changes between rounds comes with the node's Context.state."""
-    config = config_for(tmp_path, keep_optimizer_state=True, eval_every=2)
+    config = config_for(tmp_path, keep_optimizer_state=True, eval_every=2, num_clients=1, min_train_clients=1)
     cold = run(config, nodes(config, warm_dir, warm=False), tmp_path / "cold")
     assert not list(warm_dir.glob("*.sock")), "warm=false started a worker"
     killed: list[int] = []
     warm_nodes = nodes(config, warm_dir)
 
     def kill_after_first_train(node_id: int, reply) -> None:
-        if reply.metadata.message_type == "train" and not killed and reply.metadata.src_node_id == grid_nodes[1]:
+        if reply.metadata.message_type == "train" and not killed:
             killed.append(worker_pid(warm_dir, node_id))
             kill(killed[0])
 
@@ -133,7 +133,7 @@ def test_warm_results_equal_a_fresh_process_even_when_the_worker_is_killed_betwe
 
     grid_nodes = InProcessGrid(NODEAPP, warm_nodes).get_node_ids()  # the ids a grid with this seed gives
     warm = run(config, warm_nodes, tmp_path / "warm", on_message=kill_after_first_train)
-    assert killed and worker_pid(warm_dir, grid_nodes[1]) != killed[0], "node 1's worker was not replaced"
+    assert killed and worker_pid(warm_dir, grid_nodes[0]) != killed[0], "the node's worker was not replaced"
     assert set(warm) == set(cold)
     for name in cold:
         np.testing.assert_array_equal(warm[name], cold[name], err_msg=name)
