@@ -175,11 +175,16 @@ def test_one_socket_per_node_and_run_and_a_path_too_long_is_one_clear_error(tmp_
         handoff.socket_path(make_context({handoff.WARM_DIR: str(deep)}))
 
 
-def test_warm_is_the_default_and_the_node_config_is_checked():
+def test_warm_is_the_default_and_the_node_config_is_checked(monkeypatch):
     assert handoff.warm_enabled({}) and not handoff.warm_enabled({"warm": False}) and not handoff.warm_enabled({"warm": "false"})
     with pytest.raises(ConfigError, match="true or false"):
         handoff.warm_enabled({"warm": 1})
     assert handoff.idle_seconds({}) == handoff.DEFAULT_IDLE_S and handoff.idle_seconds({"warm-idle-s": 5}) == 5.0
+    monkeypatch.setattr(handoff, "WARM_SUPPORTED", False)  # an OS without Unix sockets: as before, unless asked
+    assert not handoff.warm_enabled({})
+    with pytest.raises(ConfigError, match="Unix sockets"):
+        handoff.warm_enabled({"warm": "true"})
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match="above 0"):
         handoff.idle_seconds({"warm-idle-s": 0})
 

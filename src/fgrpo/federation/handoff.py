@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -200,13 +199,20 @@ def encode_records(records: RecordDict) -> bytes:
 # ---------------------------------------------------------------- where a node's workers live
 
 
+# Unix sockets and file locks: Linux and macOS. Elsewhere a node runs without a warm worker unless it asks for one.
+WARM_SUPPORTED = os.name == "posix" and hasattr(socket, "AF_UNIX")
+
+
 def warm_enabled(node_config: Mapping) -> bool:
-    value = node_config.get(WARM, True)
+    """Whether this node hands its messages to a warm worker (node config `warm`; default: where the OS allows)."""
+    value = node_config.get(WARM, WARM_SUPPORTED)
     if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
+        value = value.lower() == "true"
     if not isinstance(value, bool):
         raise ConfigError(f"node config {WARM} = {value!r} must be true or false",
                           public=f"node config {WARM} must be true or false (its value stays on the node)")
+    if value and not WARM_SUPPORTED:
+        raise ConfigError(f"node config {WARM} = true needs Unix sockets, which this OS lacks; set {WARM}=false")
     return value
 
 
@@ -311,6 +317,8 @@ def _connect(path: Path) -> socket.socket | None:
 @contextlib.contextmanager
 def _spawn_lock(path: Path):
     """One ClientApp process at a time decides whether this (node, run) needs a new worker."""
+    import fcntl
+
     fd = os.open(f"{path}.spawn", os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -113,6 +113,7 @@ def serve(
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        os.close(lock)
         return "another worker already serves this node's run"
     pid_file = Path(f"{path}.pid")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
