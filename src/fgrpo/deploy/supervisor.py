@@ -201,11 +201,12 @@ class LocalFederation:
 
         import psutil
 
+        workers = self.warm_workers()  # now: a worker whose SuperNode is gone removes its pid file as it ends
         for process in [*self.supernodes, self.superlink]:
             if process is not None:
                 _end_tree(process, signal.SIGTERM)
         self.supernodes, self.superlink = [], None
-        workers = self.warm_workers()
+        workers += [w for w in self.warm_workers() if w.pid not in {known.pid for known in workers}]
         for worker in workers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.terminate()
@@ -213,6 +214,7 @@ class LocalFederation:
         for worker in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.kill()
+        psutil.wait_procs(alive, timeout=10)
         if self.warm_dir.is_dir():  # the workers' logs join the others in work_dir
             logs = self.work_dir / "warm-logs"
             for log in self.warm_dir.glob("*.log"):

@@ -198,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stopped:
         reason = str(stopped)
     logger.info("warm worker ends: %s", reason)
+    logging.shutdown()  # the log is complete; what is left is the interpreter's own teardown of torch
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    os._exit(0)  # no slow teardown of a loaded model: its socket and pid file are gone, so it has ended
