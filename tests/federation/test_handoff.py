@@ -262,3 +262,18 @@ def _wait_gone(folder: Path, timeout_s: float = 20) -> None:
     while list(folder.glob("*.pid")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not list(folder.glob("*.pid")), "a warm worker did not end on SIGTERM"
+
+
+def test_a_hand_off_error_leaves_the_node_without_its_paths(tmp_path):
+    """Flower sends a ClientApp's exception text to the server: the hand-off's errors go in their public form."""
+    from fgrpo.federation import nodeapp
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    query = make_message(RecordDict({"config": ConfigRecord({})}), MessageType.QUERY)
+    with pytest.raises(ConfigError) as error:
+        nodeapp.handle(query, make_context({handoff.WARM_DIR: str(shared)}))
+    assert "warm workers' folder is unusable" in str(error.value) and str(tmp_path) not in str(error.value)
+    socket_error = nodeapp.public_error(OSError(13, "Permission denied", str(tmp_path)))  # a PermissionError
+    assert str(socket_error).startswith("PermissionError in this node") and str(tmp_path) not in str(socket_error)

@@ -164,6 +164,7 @@ def test_a_worker_killed_mid_message_is_a_failed_client_and_the_next_round_works
     failures = [r for r in rows if r["kind"] == "failure"]
     assert killed and [(r["round"], r.get("client")) for r in failures] == [(1, 1)], failures
     assert "warm worker ended during the train message" in failures[0]["reason"]
+    assert str(warm_dir) not in failures[0]["reason"]  # the worker's log path stays on the node
     rounds = {r["round"]: r for r in rows if r["kind"] == "round"}
     assert rounds[1]["clients/failed"] == 1 and rounds[2]["clients/failed"] == 0
     trained_2 = sorted(r["client"] for r in rows if r["kind"] == "client" and r["round"] == 2 and "agg/weight" in r)
