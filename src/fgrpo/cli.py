@@ -355,11 +355,15 @@ def flower_commands(
         print(f"#    the config names {', '.join(named[:3])}: SuperNodes refuse server-chosen files and code; give each "
               "node its own data-path / data-config / model-source / chat-template, or add allow-server-data=true / "
               "allow-server-code=true")
+    print("#    each SuperNode keeps a warm worker per run, so the model stays loaded between messages (node config "
+          "warm=false: a fresh process per message instead; warm-dir, warm-idle-s: its folder and idle limit; "
+          f"docs/deployment.md); {deploy.SUPEREXEC_POLL_ENV}={deploy.SUPEREXEC_POLL_S} makes Flower start each "
+          "message sooner")
     for i in range(n):
         node = {"partition-id": i, "num-partitions": n}
         if data:
             node["data-path"] = str(data[i].resolve())
-        print(line(deploy.supernode_command(
+        print(f"{deploy.SUPEREXEC_POLL_ENV}={deploy.SUPEREXEC_POLL_S} " + line(deploy.supernode_command(
             address, node, 9094 + i if host in ("127.0.0.1", "localhost") else 9094,
             root_cert=certs.ca_cert if certs else None,
             auth_private_key=auth / f"supernode{i}" if auth else None,
@@ -460,7 +464,8 @@ def flower_launch(
         with LocalFederation(node_configs(cfg), work, tls=tls, supernode_auth=auth, threads=cfg.runtime.threads) as federation:
             console.print(
                 f"SuperLink on {federation.address}, {len(federation.node_configs)} SuperNodes "
-                f"({federation.threads} torch thread{'s' if federation.threads != 1 else ''} each); logs in {work}"
+                f"({federation.threads} torch thread{'s' if federation.threads != 1 else ''} each, a warm worker per "
+                f"node keeping the model between messages); logs in {work}"
             )
             wall = federation.run(cfg, output, app, timeout_s=timeout)
     except BaseException:

@@ -160,3 +160,11 @@ def test_commands_refuse_missing_data_files_and_auth_keys(config_file, tmp_path)
 def test_commands_bracket_an_ipv6_host(config_file):
     result = invoke("flower", "commands", config_file, "--host", "::1")
     assert result.exit_code == 0 and "'[::1]:9093'" in result.stdout
+
+
+def test_commands_say_how_a_supernode_keeps_its_model_warm(config_file):
+    result = invoke("flower", "commands", config_file)
+    assert result.exit_code == 0, result.output
+    nodes = [line for line in result.stdout.splitlines() if "flower-supernode" in line and not line.startswith("#")]
+    assert len(nodes) == 2 and all(line.startswith("FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-supernode") for line in nodes)
+    assert "warm worker per run" in result.stdout and "warm=false" in result.stdout

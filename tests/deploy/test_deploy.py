@@ -57,7 +57,9 @@ def adapter_tensors(run_dir: Path) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 @pytest.mark.flower
 def test_flower_loopback_matches_in_process_run(tmp_path):
-    """2 rounds of FGRPO via `flwr run` on SuperLink + 2 SuperNodes == the in-process run, then `fgrpo report`."""
+    """2 rounds of FGRPO via `flwr run` on SuperLink + 2 SuperNodes == the in-process run, then `fgrpo report`;
+    with warm workers (the default) the final adapter is bit-identical to the run without them (`warm=false`:
+    a fresh ClientApp process per message), and no worker outlives the federation."""
     from fgrpo.reporting.report import write_report
     from fgrpo.deploy.runtime import node_configs, run_simulation
 
@@ -88,7 +90,18 @@ def test_flower_loopback_matches_in_process_run(tmp_path):
     assert set(w_flower) == set(w_sim) == {(1, 0), (1, 1), (2, 0), (2, 1)}
     for key in w_sim:
         assert w_flower[key] == pytest.approx(w_sim[key], abs=WEIGHT_ATOL)
-    a_flower, a_sim = adapter_tensors(flower_dir), adapter_tensors(sim_dir)
+    warm_log = "".join(p.read_text() for p in (tmp_path / "flower" / "warm-logs").glob("*.log"))
+    assert warm_log.count("train message") == 4, "each node's two train messages ran on its warm worker"
+    assert warm_log.count("serves run") == 2, "one worker per node for the whole run"
+    cold_dir = tmp_path / "flower-cold-run"
+    with deploy.LocalFederation(node_configs(config), tmp_path / "flower-cold", warm=False) as cold:
+        cold.run(config, cold_dir, timeout_s=600)
+    assert not (tmp_path / "flower-cold" / "warm-logs").exists(), "warm=false started a worker"
+    a_flower, a_cold = adapter_tensors(flower_dir), adapter_tensors(cold_dir)
+    assert set(a_flower) == set(a_cold)
+    for name in a_cold:
+        np.testing.assert_array_equal(a_flower[name], a_cold[name], err_msg=name)
+    a_sim = adapter_tensors(sim_dir)
     assert set(a_flower) == set(a_sim)
     for name in a_sim:
         np.testing.assert_allclose(a_flower[name], a_sim[name], rtol=0, atol=ADAPTER_ATOL, err_msg=name)

@@ -143,3 +143,34 @@ def test_an_actor_call_is_limited_to_the_servers_wait_for_it():
     assert ray_runtime.call_limit("train", None) is None
     assert ray_runtime.call_limit("train", 5.0) == 5.0 and ray_runtime.call_limit("evaluate", 5.0) == 5.0
     assert ray_runtime.call_limit("query", 5.0) == INIT_TIMEOUT_S  # where a node loads its model
+
+
+@pytest.mark.slow
+def test_each_ray_actor_loads_its_model_once_not_once_per_message(tmp_path, monkeypatch):
+    """Issue 25, item 6: a Ray actor lives for the whole run and keeps fgrpo's model between messages."""
+    pytest.importorskip("ray")
+    from collections import Counter
+
+    from conftest import small_config_dict
+
+    from worker_apps import LOAD_LOG_ENV
+
+    monkeypatch.syspath_prepend(str(FEDERATION))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FEDERATION), os.environ.get("PYTHONPATH", "")]))
+    log = tmp_path / "loads.log"
+    monkeypatch.setenv(LOAD_LOG_ENV, str(log))
+    data = small_config_dict(tmp_path)
+    data["federation"] = {**data["federation"], "rounds": 2, "eval_every": 1}
+    data["runtime"] = {"backend": "ray", "num_cpus_per_client": 1}
+    config = config_from_dict(data)
+    from fgrpo.core.pipeline import resolve_model_source
+
+    resolve_model_source(config.model, config.tasks)  # the warm start, here, once
+    nodes = [{"partition-id": i, "num-partitions": 2, "allow-server-data": True} for i in range(2)]
+    ray_runtime.run_on_ray(config, nodes, progress=False, client_app="worker_apps:counting_app")
+    lines = [line.split() for line in log.read_text().splitlines()]
+    loads = Counter(pid for kind, pid in lines if kind == "load")
+    messages = Counter(pid for kind, pid in lines if kind.startswith("message-"))
+    assert sum(messages.values()) == 1 + 2 * 3 + 2 * 2  # θ₀ query, 3 evaluations and 2 trainings per client
+    assert set(loads) == set(messages) and all(count == 1 for count in loads.values()), (loads, messages)
+    assert max(messages.values()) > 1  # an actor served several messages with the one model it loaded

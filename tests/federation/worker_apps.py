@@ -115,3 +115,31 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics["run-config-keys"] = len(context.run_config)
     metrics["server-data-allowed"] = int(bool(context.node_config.get("allow-server-data", False)))
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+LOAD_LOG_ENV = "FGRPO_TEST_LOAD_LOG"  # a file: one line per model load and per message, with the process id
+counting_app = ClientApp()  # fgrpo's real ClientApp, counting its model loads (`build_learner`) and messages
+
+
+def _log_line(text: str) -> None:
+    with open(os.environ[LOAD_LOG_ENV], "a") as log:
+        log.write(f"{text} {os.getpid()}\n")
+
+
+@counting_app.query()
+@counting_app.train()
+@counting_app.evaluate()
+def counted(msg: Message, context: Context) -> Message:
+    from fgrpo.federation import clientapp
+
+    if not getattr(clientapp.build_learner, "counted", False):  # once per process: count each model load in it
+        build = clientapp.build_learner
+
+        def counted_build(*args, **kwargs):
+            _log_line("load")
+            return build(*args, **kwargs)
+
+        counted_build.counted = True
+        clientapp.build_learner = counted_build
+    _log_line(f"message-{msg.metadata.message_type}")
+    return clientapp.client_app(msg, context)

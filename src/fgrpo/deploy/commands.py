@@ -29,6 +29,10 @@ SUPERLINK_PORT = 9093
 SUPERNODE_PORT = 9094  # each SuperNode's local Runtime API (its ClientApps connect to it): one port per node
 CONNECTION = "fgrpo-local"
 FLOWER_BINARIES = ("flower-superlink", "flower-supernode", "flwr")
+# flwr 1.42's SuperExec (started by each SuperNode) looks for a message to run every second unless this says
+# otherwise: 0.1 s takes about half a second off every message's wait, for a negligible poll.
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_S = "0.1"
 
 
 # ---------------------------------------------------------------- command lines

@@ -6,6 +6,7 @@ come from `fgrpo.deploy.commands`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ from fgrpo.errors import FederationError
 from fgrpo.deploy.commands import (
     CONNECTION,
     LOOPBACK,
+    SUPEREXEC_POLL_ENV,
+    SUPEREXEC_POLL_S,
     flower_app_dir,
     flower_binary,
     flwr_run_command,
@@ -54,6 +57,11 @@ class LocalFederation:
     The N SuperNodes share this machine's cores: each gets a thread budget
     (OMP_NUM_THREADS, which its ClientApp processes inherit and honour) of
     `threads`, by default "auto" = cores // N, so they never oversubscribe.
+
+    Each SuperNode keeps a warm worker per run (`fgrpo.federation.warm_node`) unless `warm=False` (or its node
+    config says `warm=false`): the workers' sockets and logs go to a folder of this federation's own
+    (`warm_dir`, short enough for a socket path), and `close()` ends the workers too and moves their logs to
+    `work_dir/warm-logs`.
     """
 
     def __init__(
@@ -65,13 +73,22 @@ class LocalFederation:
         supernode_auth: bool = False,
         env: Mapping[str, str] | None = None,
         threads: Threads = "auto",
+        warm: bool | None = None,
     ) -> None:
-        self.node_configs = [dict(c) for c in node_configs]
+        import tempfile
+
+        from fgrpo.federation.handoff import WARM, WARM_DIR
+
+        self.warm_dir = Path(tempfile.mkdtemp(prefix="fgrpo-warm-"))  # 0700, in the short system temp folder
+        chosen = {} if warm is None else {WARM: warm}
+        self.node_configs = [{WARM_DIR: str(self.warm_dir)} | dict(c) | chosen for c in node_configs]
         self.work_dir = Path(work_dir).resolve()
         self.tls = tls or supernode_auth
         self.supernode_auth = supernode_auth
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.work_dir / "flwr-home")}
         self.env["PATH"] = path_with_flower(self.env.get("PATH", ""))  # Flower starts its own programs by name
+        # A SuperNode's SuperExec looks for a message to run once a second by default; 0.1 s costs nothing here.
+        self.env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
         self.threads = auto_threads(len(self.node_configs), threads, env=self.env)
         self.env.update(thread_env(self.threads))
         # Flower's processes run in other working directories: give them this very fgrpo, by absolute path.
@@ -150,11 +167,23 @@ class LocalFederation:
             _end_tree(process, signal.SIGKILL)
             self.supernodes[index] = None
 
-    def processes(self) -> list:
-        """Every live process this federation started (psutil.Process), children included."""
+    def warm_workers(self) -> list:
+        """The live warm workers of this federation's SuperNodes (psutil.Process), from their pid files."""
         import psutil
 
         found = []
+        for pid_file in self.warm_dir.glob("*.sock.pid") if self.warm_dir.is_dir() else []:
+            try:
+                found.append(psutil.Process(int(pid_file.read_text())))
+            except (OSError, ValueError, psutil.NoSuchProcess):
+                pass  # gone, or ending right now
+        return found
+
+    def processes(self) -> list:
+        """Every live process this federation started (psutil.Process), children and warm workers included."""
+        import psutil
+
+        found = self.warm_workers()
         for process in [*self.supernodes, self.superlink]:
             if process is None or process.poll() is not None:
                 continue
@@ -166,11 +195,32 @@ class LocalFederation:
         return found
 
     def close(self) -> None:
-        """SIGTERM the SuperNodes, then the SuperLink, each with its children; SIGKILL what is left after 10 s."""
+        """SIGTERM the SuperNodes, then the SuperLink, each with its children, then the warm workers (which would
+        also end on their own once their SuperNode is gone); SIGKILL what is left after 10 s."""
+        import shutil
+
+        import psutil
+
+        workers = self.warm_workers()  # now: a worker whose SuperNode is gone removes its pid file as it ends
         for process in [*self.supernodes, self.superlink]:
             if process is not None:
                 _end_tree(process, signal.SIGTERM)
         self.supernodes, self.superlink = [], None
+        workers += [w for w in self.warm_workers() if w.pid not in {known.pid for known in workers}]
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.terminate()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        for worker in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+        psutil.wait_procs(alive, timeout=10)
+        if self.warm_dir.is_dir():  # the workers' logs join the others in work_dir
+            logs = self.work_dir / "warm-logs"
+            for log in self.warm_dir.glob("*.log"):
+                logs.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(log), str(logs / log.name))
+        shutil.rmtree(self.warm_dir, ignore_errors=True)
         for log in self._logs:
             log.close()
         self._logs = []
