@@ -23,6 +23,16 @@ class FgrpoError(Exception):
         self.public = public
 
 
+def as_public(error: BaseException, public: str) -> FgrpoError:
+    """`error` retold as `public`, the text that may leave a node: the same fgrpo error type (so the server
+    still sees what kind of problem it was), FgrpoError for anything else or a type with its own constructor."""
+    kind = type(error) if isinstance(error, FgrpoError) else FgrpoError
+    try:
+        return kind(public)
+    except TypeError:  # an error type with a constructor of its own
+        return FgrpoError(public)
+
+
 class ConfigError(FgrpoError):
     """A config file or value is wrong (unknown key, wrong type, out of range)."""
 

@@ -343,7 +343,7 @@ def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
     client).
     """
     from fgrpo.data.node_spec import public_message
-    from fgrpo.errors import FgrpoError
+    from fgrpo.errors import as_public
 
     try:
         return call_next(msg, context)
@@ -353,12 +353,7 @@ def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
         if public != str(error) and public not in _LOGGED and len(_LOGGED) < 1024:
             _LOGGED.add(public)
             logger.warning("this node's ClientApp failed (the server is told only: %s): %s", public, full)
-        kind = type(error) if isinstance(error, FgrpoError) else FgrpoError
-        try:
-            replacement = kind(public)
-        except TypeError:  # an error type with a constructor of its own
-            replacement = FgrpoError(public)
-        raise replacement from None
+        raise as_public(error, public) from None
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:

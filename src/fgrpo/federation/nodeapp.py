@@ -19,7 +19,7 @@ import logging
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fgrpo.errors import FgrpoError
+from fgrpo.errors import FgrpoError, as_public
 from fgrpo.federation import handoff
 
 COLD_APP = "fgrpo.federation.clientapp"  # imported only when the node runs without a warm worker
@@ -49,10 +49,7 @@ def public_error(error: Exception) -> FgrpoError:
     public = error.public if isinstance(error, FgrpoError) else (
         f"{type(error).__name__} in this node's hand-off to its warm worker (the details stay in the node's log)")
     logger.warning("this node's hand-off failed (the server is told only: %s): %s: %s", public, type(error).__name__, error)
-    try:
-        return (type(error) if isinstance(error, FgrpoError) else FgrpoError)(public)
-    except TypeError:  # an error type with a constructor of its own
-        return FgrpoError(public)
+    return as_public(error, public)
 
 
 client_app = ClientApp()
