@@ -385,10 +385,10 @@ def forward(message: Message, context: Context) -> Message:
     kind = message.metadata.message_type
     started = time.perf_counter()
     with connect(context) as sock:
-        send_frame(sock, {"kind": "message"}, encode_request(message, context))
         try:
+            send_frame(sock, {"kind": "message"}, encode_request(message, context))
             header, blobs = read_frame(sock)
-        except FrameError as error:  # Closed included: no reply came
+        except (FrameError, ConnectionError) as error:  # Closed, a reset or a broken pipe: no reply came
             raise FederationError(
                 f"this node's warm worker ended during the {kind} message ({error}); it was killed or crashed, and "
                 f"the next message starts a new one (its log: {socket_path(context).with_suffix('.log')})",
