@@ -289,12 +289,16 @@ def make_splits(
     """(train, test), in spec order, with no prompt in both.
 
     Per family: max(1, round(n * weight)) examples. Test prompts are distinct
-    and drawn first; train excludes them and stays distinct while the prompt
-    space allows, then repeats. A test split never takes more than half of a
-    family's prompt space (e.g. `sort` at difficulty 2 has only 100 prompts),
-    so train always has prompts of its own. Each spec's draws are seeded by
-    (seed, family, difficulty, occurrence), so adding a family leaves the
-    others' examples unchanged.
+    and drawn first; train is independent draws from the family's generator
+    that are not test prompts, so a prompt repeats as often as the generator
+    makes it. Train and test therefore follow the same distribution. (Keeping
+    train distinct flattened it toward uniform once a small prompt space ran
+    out: `count` at difficulty 2 then had the answer 0 in 83% of its training
+    prompts against 41% of its test prompts.) A test split never takes more
+    than half of a family's prompt space (e.g. `sort` at difficulty 2 has only
+    100 prompts), so train always has prompts of its own. Each spec's draws
+    are seeded by (seed, family, difficulty, occurrence), so adding a family
+    leaves the others' examples unchanged.
     """
     if n_train < 1 or n_test < 1:
         raise ConfigError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
@@ -334,19 +338,11 @@ def make_splits(
     train: list[Example] = []
     for spec, task, space, rng in plans:
         wanted = max(1, round(n_train * spec.weight))
-        distinct_left = space.size - len(space.test_prompts)
-        seen: set[str] = set()
         drawn = []
-        attempts = 0
-        while len(drawn) < wanted:
+        while len(drawn) < wanted:  # ends: test holds at most half of the prompt space
             prompt, answer = task.generate(rng, spec.difficulty)
-            attempts += 1
-            if prompt in space.test_prompts:
-                continue
-            if prompt in seen and len(seen) < distinct_left and attempts < _draw_budget(wanted):
-                continue  # keep train distinct while unseen prompts remain
-            seen.add(prompt)
-            drawn.append(Example(prompt, answer, spec.name, spec.reward_scale))
+            if prompt not in space.test_prompts:
+                drawn.append(Example(prompt, answer, spec.name, spec.reward_scale))
         train += drawn
     return train, test
 
@@ -356,23 +352,47 @@ def carve_validation(train: Sequence[Example], per_family: int, seed: int) -> tu
 
     A chosen prompt leaves train with all its copies (small prompt spaces repeat
     prompts), so no validation prompt is ever trained on; the held-out test set
-    is drawn before train and is untouched. At most half of a family's distinct
-    training prompts are carved, so train keeps prompts of its own. Chosen by
-    (seed, family), so the carve does not depend on the other families.
+    is drawn before train and is untouched. A prompt is chosen with a chance
+    proportional to its copies in train, so validation follows the training
+    distribution rather than a uniform one over distinct prompts (the two
+    differ where a generator favours some prompts, e.g. `count`). At most half
+    of a family's distinct training prompts are carved, so train keeps prompts
+    of its own. Chosen by (seed, family), so the carve does not depend on the
+    other families.
     """
     if per_family < 0:
         raise ConfigError(f"validation examples per family must be >= 0, got {per_family}")
     first_example: dict[str, dict[str, Example]] = {}
+    copies: Counter = Counter(example.prompt for example in train)
     for example in train:
         first_example.setdefault(example.family, {}).setdefault(example.prompt, example)
     chosen: set[str] = set()
     validation: list[Example] = []
     for family, examples in first_example.items():
         prompts = sorted(examples)
-        picked = random.Random(f"{seed}/validation/{family}").sample(prompts, min(per_family, len(prompts) // 2))
+        picked = _distinct_weighted_sample(
+            random.Random(f"{seed}/validation/{family}"),
+            prompts,
+            [copies[prompt] for prompt in prompts],
+            min(per_family, len(prompts) // 2),
+        )
         chosen.update(picked)
         validation += [examples[prompt] for prompt in picked]
     return [ex for ex in train if ex.prompt not in chosen], validation
+
+
+def _distinct_weighted_sample(rng: random.Random, items: list[str], weights: list[int], k: int) -> list[str]:
+    """`k` distinct items, each drawn with a chance proportional to its integer weight, without replacement.
+
+    `random.sample(..., counts=...)` draws copies, so it may pick one item twice: those picks are topped
+    up from the items not yet chosen. With every weight 1 this is exactly `rng.sample(items, k)`.
+    """
+    picked: list[str] = []
+    while len(picked) < k:
+        left = [(item, weight) for item, weight in zip(items, weights) if item not in picked]
+        draws = rng.sample([item for item, _ in left], k - len(picked), counts=[weight for _, weight in left])
+        picked += list(dict.fromkeys(draws))
+    return picked
 
 
 # --------------------------------------------------------------------------- answers
