@@ -114,6 +114,7 @@ def test_fedavg_server_learning_rate_scales_the_aggregate_step(tmp_path):
         # norm_clip off: in this tiny scenario one of the two clients can send a zero update (no reward
         # signal), which makes the round's lower-median norm 0 and the default clip would stop the step.
         data["federation"] = {**data["federation"], "method": "fedavg", "rounds": 1, "server_lr": eta, "defense": {"norm_clip": "off"}}
+        data["training"] = {**data["training"], "prompts_per_step": 8}  # enough groups that some have reward spread
         run_simulation(config_from_dict(data), progress=False)
         finals[eta] = load_checkpoint(tmp_path / str(eta) / "run").arrays
     for key in finals[1.0]:
@@ -172,6 +173,7 @@ def test_two_workers_give_the_same_adapter_and_metrics_as_one(tmp_path):
     def run(workers: int):
         data = small_config_dict(tmp_path / f"w{workers}")
         data["federation"] = {**data["federation"], "rounds": 2, "local_steps": 2, "keep_optimizer_state": True}
+        data["training"] = {**data["training"], "prompts_per_step": 8}  # enough groups that some have reward spread
         data["runtime"] = {"workers": workers, "threads": 1}  # one thread both ways: the same float reductions
         # In 2 steps one of the 2 clients may see no reward variance; its zero update would make the default
         # clip's lower median 0 and freeze the round (docs/robustness.md): this test is about workers.

@@ -52,7 +52,9 @@ def test_each_simulated_client_holds_exactly_its_owners_data(tmp_path):
     assert [{ex.family for ex in s.train + s.test} for s in shares] == [{"add"}, {"sort"}, {"doubling"}]
     assert [{ex.meta["owner"] for ex in s.train + s.test} for s in shares] == [{"adder"}, {"sorter"}, {"clinic"}]
     assert len(shares[2].train) == 5  # size
-    assert len(shares[0].train + shares[0].validation) == config.tasks.train_per_family  # size unset: all of them
+    # size unset: all of them (counted without the validation carve, which takes every copy of a carved prompt)
+    uncarved = config.model_copy(update={"tasks": config.tasks.model_copy(update={"validation_per_family": 0})})
+    assert len(node_data(context(uncarved, 0, **SIMULATED)).train) == config.tasks.train_per_family
     assert {ex.reward_scale for ex in shares[1].train} == {(-1.0, 1.0)} and {ex.reward_scale for ex in shares[2].train} == {(0.0, 10.0)}
     prompts = [{ex.prompt for ex in s.train + s.test + s.validation} for s in shares]
     assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
