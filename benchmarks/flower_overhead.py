@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from fgrpo.config import config_from_dict
+from fgrpo.federation.handoff import TIMING_PATTERN
 from real_shapes import QWEN25, save_random_checkpoint
 
 REAL = "smollm2-135m"
@@ -116,7 +117,7 @@ def flower_arm(config, nodes, work: Path, run_dir: Path, warm: bool, limit_s: fl
     return wall, [m.groups() for log in logs for m in TIMING_LINE.finditer(log)]
 
 
-TIMING_LINE = re.compile(r"fgrpo warm worker: (\w+) message in ([\d.]+) s \(work ([\d.]+) s, hand-off ([\d.]+) s\)")
+TIMING_LINE = re.compile(TIMING_PATTERN)  # the line each forwarding ClientApp process logs (handoff.TIMING)
 
 
 def client_train_s(run_dir: Path) -> float:

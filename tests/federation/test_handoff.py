@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -277,3 +278,8 @@ def test_a_hand_off_error_leaves_the_node_without_its_paths(tmp_path):
     assert "warm workers' folder is unusable" in str(error.value) and str(tmp_path) not in str(error.value)
     socket_error = nodeapp.public_error(OSError(13, "Permission denied", str(tmp_path)))  # a PermissionError
     assert str(socket_error).startswith("PermissionError in this node") and str(tmp_path) not in str(socket_error)
+
+
+def test_the_timing_line_a_forward_logs_is_the_one_the_benchmark_reads():
+    line = handoff.TIMING.format(kind="train", total=1.2345, work=1.0, handoff=0.2345)
+    assert re.search(handoff.TIMING_PATTERN, f"INFO : {line}").groups() == ("train", "1.234", "1.000", "0.234")

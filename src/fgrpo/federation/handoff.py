@@ -350,9 +350,8 @@ def start_worker(path: Path, context: Context) -> subprocess.Popen:
     return process
 
 
-def connect(context: Context, timeout_s: float = START_TIMEOUT_S) -> socket.socket:
-    """A connection to this (node, run)'s warm worker, starting one if none listens."""
-    path = socket_path(context)
+def connect(context: Context, path: Path, timeout_s: float = START_TIMEOUT_S) -> socket.socket:
+    """A connection to this (node, run)'s warm worker at `path` (`socket_path`), starting one if none listens."""
     sock = _connect(path)
     if sock is not None:
         return sock
@@ -384,14 +383,15 @@ def forward(message: Message, context: Context) -> Message:
     """
     kind = message.metadata.message_type
     started = time.perf_counter()
-    with connect(context) as sock:
+    path = socket_path(context)
+    with connect(context, path) as sock:
         try:
             send_frame(sock, {"kind": "message"}, encode_request(message, context))
             header, blobs = read_frame(sock)
         except (FrameError, ConnectionError) as error:  # Closed, a reset or a broken pipe: no reply came
             raise FederationError(
                 f"this node's warm worker ended during the {kind} message ({error}); it was killed or crashed, and "
-                f"the next message starts a new one (its log: {socket_path(context).with_suffix('.log')})",
+                f"the next message starts a new one (its log: {path.with_suffix('.log')})",
                 public=f"this node's warm worker ended during the {kind} message (killed or crashed)",
             ) from None
     reply = _reply(message, context, header, blobs)
@@ -400,6 +400,8 @@ def forward(message: Message, context: Context) -> Message:
 
 
 TIMING = "fgrpo warm worker: {kind} message in {total:.3f} s (work {work:.3f} s, hand-off {handoff:.3f} s)"
+# TIMING's line read back (benchmarks/flower_overhead.py): groups kind, total, work, hand-off.
+TIMING_PATTERN = r"fgrpo warm worker: (\w+) message in ([\d.]+) s \(work ([\d.]+) s, hand-off ([\d.]+) s\)"
 
 
 def log_timing(kind: str, total: float, work) -> None:
